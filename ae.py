@@ -1,0 +1,512 @@
+"""The nine contestants of the Autoencoder Bake-Off and the one loop that trains them all.
+
+Use:
+    import ae
+    ae.set_seed(42)
+    model = ae.build("vae", latent_dim=20)           # one of ae.MODELS
+    history = ae.fit(model, train_x, val_x)          # float32 (N, 1024) in [0, 1]
+    probs = model(x); total, parts = model.loss(x); z = model.encode(x, sample=False)
+    ae.save(model, "vae.pt", meta={"epochs": 60}); model, meta = ae.load("vae.pt")
+
+Every model is encoder -> bottleneck -> decoder. The encoders and decoders are fully connected
+(Linear -> BatchNorm -> ReLU, three layers each but for the shallow one); the contestants differ
+only in their bottleneck (identity, sparse, variational, vector-quantised), in the denoising
+model's input noise and in the stacked model's greedy layer-wise schedule. Widths, losses and
+hyperparameters follow the article (bakeoff-blog.txt) and the facts in REFERENCE.md, which
+fix what the article leaves open.
+
+References: the article "The Great Autoencoder Bake Off" (Tilman Krokotsch, 2021); Kingma &
+Welling, Auto-Encoding Variational Bayes (2014); Higgins et al., beta-VAE (2017); van den Oord
+et al., Neural Discrete Representation Learning (2017).
+
+Simplified: data sits on the device as one tensor (no DataLoader); no logging framework, no
+learning-rate schedule, no early stopping; the decoder's last Linear yields logits and the
+reconstruction loss is computed from them (same value as BCE on the sigmoid, more stable).
+Depends on torch only.
+"""
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# ---- constants
+
+INPUT_DIM = 1024  # 28x28 MNIST zero-padded to 32x32
+N_LAYERS = 3  # encoder and decoder layers of every contestant but the shallow one
+MODELS = ("shallow", "vanilla", "stacked", "sparse", "denoising",
+          "vae", "beta_vae_strict", "beta_vae_loose", "vq")
+GENERATIVE = ("vae", "beta_vae_strict", "beta_vae_loose", "vq")
+SPARSITY_P = 0.25  # target mean activation of each sparse latent unit (article)
+SPARSITY_BETA = 1.0  # weight of the sparsity penalty (article)
+# The article calls 0.5 the noise *variance*; the companion code used 0.5 as the standard
+# deviation, and that produced the published numbers, so we follow the code.
+DENOISING_STD = 0.5
+KL_BETA = {"vae": 1.0, "beta_vae_strict": 2.0, "beta_vae_loose": 0.5}  # weight of the KL term
+VQ_CODES = 512  # scalar codebook values per latent dimension (companion code)
+VQ_BETA = 1.0  # weight of the commitment loss (article)
+PRINT_EVERY_S = 0.5  # how often fit's progress line is redrawn
+
+# ---- building blocks
+
+
+def mlp(widths):
+    """Linear(no bias) -> BatchNorm -> ReLU per hidden width, then Linear(with bias), no activation.
+
+    One element of the returned Sequential per layer, so the stacked model can slice it.
+    """
+    layers = [nn.Sequential(nn.Linear(n_in, n_out, bias=False), nn.BatchNorm1d(n_out), nn.ReLU())
+              for n_in, n_out in zip(widths[:-2], widths[1:-1])]
+    layers.append(nn.Linear(widths[-2], widths[-1]))
+    return nn.Sequential(*layers)
+
+
+def hidden_widths(enc_out):
+    """Encoder hidden widths [D // s**i for i < 3] with s = int((D // enc_out) ** (1/3)) (reference).
+
+    The float cube root is part of the recipe: int(512 ** (1/3)) is 7, not 8, which gives the
+    reference's 1024 -> 146 -> 20 -> 2 at latent 2.
+    """
+    s = int((INPUT_DIM // enc_out) ** (1 / N_LAYERS))
+    return [INPUT_DIM // s**i for i in range(N_LAYERS)]
+
+
+class Decoder(nn.Module):
+    """z -> probabilities; `logits` gives the pre-sigmoid output the loss uses."""
+
+    def __init__(self, widths):
+        super().__init__()
+        self.layers = mlp(widths)
+
+    def logits(self, z):
+        return self.layers(z)
+
+    def forward(self, z):
+        return torch.sigmoid(self.logits(z))
+
+
+def bce(logits, x):
+    """L_r = 1/N sum_i sum_j BCE(x_hat_j^(i), x_j^(i)): summed over pixels, mean over the batch."""
+    return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
+
+
+# ---- bottlenecks: h (encoder output) -> z (latent code)
+# forward(h) gives the code; regularised(h) gives (z, weighted penalty, dict of raw penalty parts).
+
+
+class Identity(nn.Module):
+    """No restriction on the latent space (shallow, vanilla, stacked, denoising)."""
+
+    def forward(self, h):
+        return h
+
+    def regularised(self, h):
+        return h, 0.0, {}
+
+    def mean(self, h):
+        return self(h)
+
+
+class Sparse(Identity):
+    """z = sigmoid(h), penalised towards a mean activation of p per unit."""
+
+    def __init__(self, p=SPARSITY_P, beta=SPARSITY_BETA):
+        super().__init__()
+        self.p, self.beta = p, beta
+
+    def forward(self, h):
+        return torch.sigmoid(h)  # z = sigma(enc(x)), read as a probability of being active
+
+    def regularised(self, h):
+        z = self(h)
+        rho = z.mean(dim=0)  # z_bar_j: mean activation of unit j over the batch, (B, Z) -> (Z,)
+        p = self.p
+        # L_s = sum_j p log(p / z_bar_j) + (1 - p) log((1 - p) / (1 - z_bar_j))
+        kl = (p * torch.log(p / rho) + (1 - p) * torch.log((1 - p) / (1 - rho))).sum()
+        return z, self.beta * kl, {"sparsity": kl.detach()}
+
+
+class Variational(Identity):
+    """h = (mu, log_sigma); z = mu + sigma * eps, in evaluation too (as the reference did)."""
+
+    def __init__(self, beta=1.0):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, h, eps=None):
+        mu, log_sigma = h.chunk(2, dim=1)  # (B, 2Z) -> 2 x (B, Z)
+        if eps is None:
+            eps = torch.randn_like(mu)
+        return mu + torch.exp(log_sigma) * eps  # reparametrize: z = mu + sigma * eps
+
+    def mean(self, h):
+        return h.chunk(2, dim=1)[0]
+
+    def regularised(self, h):
+        z = self(h)
+        mu, log_sigma = h.chunk(2, dim=1)
+        # KL = 0.5 * sum_j (exp(2 log_sigma) + mu^2 - 1 - 2 log_sigma), mean over the batch
+        kl = 0.5 * (torch.exp(2 * log_sigma) + mu**2 - 1 - 2 * log_sigma).sum() / h.shape[0]
+        return z, self.beta * kl, {"kl": kl.detach()}
+
+    def prior(self, n, latent_dim, device):
+        return torch.randn(n, latent_dim, device=device)  # z ~ N(0, I)
+
+
+class VectorQuantised(Identity):
+    """Each latent element snaps to the nearest of its own 512 learned scalar values."""
+
+    def __init__(self, latent_dim, n_codes=VQ_CODES, beta=VQ_BETA):
+        super().__init__()
+        self.beta = beta
+        # one scalar codebook per latent dimension, initialised U(-1/K, 1/K)
+        self.codebook = nn.Parameter(torch.empty(latent_dim, n_codes).uniform_(-1 / n_codes, 1 / n_codes))
+
+    def quantise(self, h):
+        dims = torch.arange(h.shape[1], device=h.device)
+        # nearest value: k_j = argmin_k |h_j - e_jk|, (B, Z, 1) - (Z, K) -> (B, Z, K) -> (B, Z)
+        idx = (h.detach().unsqueeze(2) - self.codebook.detach()).abs().argmin(dim=2)
+        return self.codebook[dims, idx]  # (B, Z), differentiable w.r.t. the codebook
+
+    def forward(self, h):
+        return self.straight_through(h, self.quantise(h))
+
+    @staticmethod
+    def straight_through(h, q):
+        # z = q + (h - sg(h)): exactly q forward, d z / d h = 1 backward; the codebook learns via L_vq only
+        return q.detach() + (h - h.detach())
+
+    def regularised(self, h):
+        q = self.quantise(h)
+        # L_vq = 1/N sum_i sum_j (sg(z) - z_hat)^2: moves the codebook towards the encoder
+        vq = ((h.detach() - q) ** 2).sum() / h.shape[0]
+        # L_c = 1/N sum_i sum_j (z - sg(z_hat))^2: commits the encoder to the codebook
+        commitment = ((h - q.detach()) ** 2).sum() / h.shape[0]
+        parts = {"vq": vq.detach(), "commitment": commitment.detach()}
+        return self.straight_through(h, q), vq + self.beta * commitment, parts
+
+    def prior(self, n, latent_dim, device):
+        idx = torch.randint(self.codebook.shape[1], (n, latent_dim), device=device)  # uniform categories
+        return self.codebook[torch.arange(latent_dim, device=device), idx]
+
+
+# ---- models
+
+
+class Autoencoder(nn.Module):
+    """encoder (x -> h) -> bottleneck (h -> z) -> decoder (z -> probabilities)."""
+
+    def __init__(self, name, latent_dim, encoder, bottleneck, decoder, noise_std=0.0):
+        super().__init__()
+        self.name, self.latent_dim, self.noise_std = name, latent_dim, noise_std
+        self.encoder, self.bottleneck, self.decoder = encoder, bottleneck, decoder
+
+    # -- the two places the stacked model changes: which layers run, and the schedule
+    def _hidden(self, x):
+        if self.training and self.noise_std:
+            x = (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)  # x' = clip(x + N(0, std^2))
+        return self.encoder(x)
+
+    def _logits(self, z):
+        return self.decoder.logits(z)
+
+    def stages(self, epochs):
+        """The training schedule: [(stage, epochs)]; one stage (None) for end-to-end training."""
+        return [(None, epochs)]
+
+    def set_stage(self, stage):
+        pass
+
+    # -- the public interface
+    def forward(self, x):
+        return torch.sigmoid(self._logits(self.encode(x)))
+
+    def encode(self, x, sample=True):
+        h = self._hidden(x)
+        return self.bottleneck(h) if sample else self.bottleneck.mean(h)
+
+    def decode(self, z):
+        return self.decoder(z)
+
+    def loss(self, x):
+        """(total, parts): total = recon + weighted penalties; parts are the raw, detached terms."""
+        z, penalty, parts = self.bottleneck.regularised(self._hidden(x))
+        recon = bce(self._logits(z), x)
+        return recon + penalty, {"recon": recon.detach(), **parts}
+
+    @torch.no_grad()
+    def sample(self, n):
+        """n unconditional draws decoded to (n, 1024) probabilities; None if not generative."""
+        if not hasattr(self.bottleneck, "prior"):
+            return None
+        device = next(self.parameters()).device
+        return self.decoder(self.bottleneck.prior(n, self.latent_dim, device))
+
+
+class Stacked(Autoencoder):
+    """The vanilla network trained greedily: stage k trains encoder layer k and its mirror.
+
+    Stage k runs encoder layers 1..k and decoder layers N-k+1..N and scores the image-space BCE;
+    the outer layers trained in earlier stages are frozen (no gradient, BatchNorm in eval mode).
+    Stage None is the whole network with every layer trainable.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.stage = None
+
+    def _hidden(self, x):
+        k = self.stage or N_LAYERS
+        return self.encoder[:k](x)
+
+    def _logits(self, z):
+        k = self.stage or N_LAYERS
+        return self.decoder.layers[N_LAYERS - k:](z)
+
+    def stages(self, epochs):
+        """epochs // 3 per stage (reference); a remainder goes to the last stage."""
+        per_stage = epochs // N_LAYERS
+        return [(k, per_stage) for k in range(1, N_LAYERS)] + [(N_LAYERS, epochs - per_stage * (N_LAYERS - 1))]
+
+    def _frozen(self):
+        if self.stage is None:
+            return []
+        k = self.stage
+        return list(self.encoder[:k - 1]) + list(self.decoder.layers[N_LAYERS - k + 1:])
+
+    def set_stage(self, stage):
+        self.stage = stage
+        for layer in list(self.encoder) + list(self.decoder.layers):
+            trainable = stage is None or layer is self.encoder[stage - 1] or layer is self.decoder.layers[N_LAYERS - stage]
+            layer.requires_grad_(trainable)
+        self.train(self.training)
+
+    def train(self, mode=True):
+        super().train(mode)
+        for layer in self._frozen():
+            layer.eval()  # frozen BatchNorm keeps its running statistics
+        return self
+
+
+def build(name, latent_dim=20):
+    """A fresh, untrained contestant. Seed with set_seed first for reproducible weights."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    enc_out = 2 * latent_dim if name in KL_BETA else latent_dim  # (beta-)VAEs encode (mu, log_sigma)
+    if not isinstance(latent_dim, int) or latent_dim < 1 or enc_out > INPUT_DIM:
+        raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // 2}, got {latent_dim!r}")
+    if name == "shallow":
+        encoder = nn.Sequential(*mlp([INPUT_DIM, latent_dim]), nn.ReLU())
+        decoder = Decoder([latent_dim, INPUT_DIM])
+        return Autoencoder(name, latent_dim, encoder, Identity(), decoder)
+    encoder = mlp(hidden_widths(enc_out) + [enc_out])
+    # the decoder mirrors the *dense* encoder for this latent dim, also for the (beta-)VAEs
+    decoder = Decoder([latent_dim] + hidden_widths(latent_dim)[:0:-1] + [INPUT_DIM])
+    if name in KL_BETA:
+        bottleneck = Variational(KL_BETA[name])
+    elif name == "sparse":
+        bottleneck = Sparse()
+    elif name == "vq":
+        bottleneck = VectorQuantised(latent_dim)
+    else:
+        bottleneck = Identity()
+    model_class = Stacked if name == "stacked" else Autoencoder
+    noise_std = DENOISING_STD if name == "denoising" else 0.0
+    return model_class(name, latent_dim, encoder, bottleneck, decoder, noise_std)
+
+
+# ---- training
+
+
+def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, device=None, progress=True):
+    """Train with Adam on shuffled mini-batches; validation loss after every epoch.
+
+    train_x, val_x: float (N, 1024) in [0, 1], tensors or arrays; they are moved to `device`
+    (default: the model's device) once. `progress`: True draws one updating line, False is silent,
+    a callable gets {epoch, epochs, stage, train_loss, val_loss, samples_per_s, seconds} after
+    each epoch (seconds: wall time since fit began). Returns {"train_loss": [...], "val_loss":
+    [...], "stage": [...], "seconds": total}; leaves the model in eval mode.
+    """
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    train_x, val_x = _as_pixels(train_x, "train_x", device), _as_pixels(val_x, "val_x", device)
+    if not isinstance(epochs, int) or epochs < 1 or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs!r}, batch_size={batch_size!r}")
+    # BatchNorm cannot train on a batch of one, so a last batch of one sample is dropped
+    n = len(train_x) - (len(train_x) % batch_size == 1)
+    set_seed(seed)  # noise of the denoising model and the VAEs
+    order_rng = torch.Generator().manual_seed(seed)  # the shuffling order, independent of the noise
+    model.to(device)
+    draw = progress is True
+    history = {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
+    start = last_draw = time.perf_counter()
+    epoch = 0
+    for stage, stage_epochs in model.stages(epochs):
+        model.set_stage(stage)
+        # fused: one pass over the weights per step instead of several (CPU and CUDA have the kernel)
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                                     fused=device.type in ("cpu", "cuda"))
+        for _ in range(stage_epochs):
+            epoch += 1
+            model.train()
+            epoch_start = time.perf_counter()
+            order = torch.randperm(len(train_x), generator=order_rng).to(device)
+            loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
+            for i in range(0, n, batch_size):
+                x = train_x[order[i:i + batch_size]]
+                optimizer.zero_grad()
+                loss, _ = model.loss(x)
+                loss.backward()
+                optimizer.step()
+                loss_sum += loss.detach() * len(x)
+                if draw and time.perf_counter() - last_draw > PRINT_EVERY_S:
+                    seen = i + len(x)
+                    train_loss = _finite(loss_sum.item() / seen, model, epoch, "training")
+                    done = (epoch - 1 + seen / n) / epochs
+                    elapsed = time.perf_counter() - start
+                    rate = seen / (time.perf_counter() - epoch_start)
+                    _draw(f"{model.name} epoch {epoch}/{epochs} [{seen}/{n}] train {train_loss:.2f} "
+                          f"{rate:,.0f} samples/s ETA {_clock(elapsed / done - elapsed)}")
+                    last_draw = time.perf_counter()
+            train_loss = _finite(loss_sum.item() / n, model, epoch, "training")
+            samples_per_s = n / (time.perf_counter() - epoch_start)
+            val_loss = _finite(evaluate(model, val_x, batch_size)["loss"], model, epoch, "validation")
+            history["train_loss"].append(train_loss)
+            history["val_loss"].append(val_loss)
+            history["stage"].append(stage)
+            elapsed = time.perf_counter() - start
+            report = {"epoch": epoch, "epochs": epochs, "stage": stage, "train_loss": train_loss,
+                      "val_loss": val_loss, "samples_per_s": samples_per_s, "seconds": elapsed}
+            if callable(progress):
+                progress(report)
+            elif draw:
+                _draw(f"{model.name} epoch {epoch}/{epochs} train {train_loss:.2f} val {val_loss:.2f} "
+                      f"{samples_per_s:,.0f} samples/s ETA {_clock(elapsed / epoch * (epochs - epoch))}")
+                last_draw = time.perf_counter()
+    model.set_stage(None)
+    model.eval()
+    history["seconds"] = time.perf_counter() - start
+    if draw:
+        print(f"\r{model.name}: {epochs} epochs in {_clock(history['seconds'])}, "
+              f"val loss {history['val_loss'][-1]:.2f}\033[K", flush=True)
+    return history
+
+
+@torch.no_grad()
+def evaluate(model, x, batch_size=256):
+    """Mean loss and mean loss parts over x, in eval mode: {"loss": ..., "recon": ..., ...}."""
+    was_training = model.training
+    model.eval()
+    sums = {}
+    for i in range(0, len(x), batch_size):
+        batch = x[i:i + batch_size]
+        loss, parts = model.loss(batch)
+        for key, value in {"loss": loss, **parts}.items():
+            sums[key] = sums.get(key, 0.0) + value * len(batch)
+    model.train(was_training)
+    return {key: float(value) / len(x) for key, value in sums.items()}
+
+
+# ---- helpers
+
+
+def set_seed(seed):
+    """Seed torch's generators on every device (ae.py draws all its randomness from torch)."""
+    torch.manual_seed(seed)
+
+
+def pick_device(name=None):
+    """cuda, else mps, else cpu, unless `name` says which; prints the choice."""
+    if name is None:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; use cpu")
+    print(f"device: {device}")
+    return device
+
+
+def save(model, path, meta=None):
+    """Write name, latent_dim, weights and `meta` (plain types only) atomically to `path`."""
+    meta = {} if meta is None else meta
+    _check_plain(meta, "meta")
+    payload = {"name": model.name, "latent_dim": model.latent_dim, "meta": meta,
+               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def load(path, device=None):
+    """(model, meta) from a file written by save; the model comes back in eval mode."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path}; train the model first (run.py)")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+        model = build(payload["name"], payload["latent_dim"])
+        model.load_state_dict(payload["state_dict"])
+    except Exception as err:
+        raise ValueError(f"{path} is not a checkpoint written by ae.save ({err}); delete it and retrain") from err
+    if device is not None:
+        model.to(device)
+    return model.eval(), payload["meta"]
+
+
+def _as_pixels(x, what, device):
+    x = torch.as_tensor(x, dtype=torch.float32)
+    if x.ndim != 2 or x.shape[1] != INPUT_DIM or len(x) < 2:
+        raise ValueError(f"{what} must have shape (N >= 2, {INPUT_DIM}), got {tuple(x.shape)}; "
+                         f"flatten the zero-padded 32x32 images")
+    if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
+        raise ValueError(f"{what} must hold finite pixel values in [0, 1]; divide uint8 images by 255")
+    return x.to(device)
+
+
+def _finite(value, model, epoch, what):
+    if not math.isfinite(value):
+        raise FloatingPointError(f"{model.name}: {what} loss became {value} in epoch {epoch}; "
+                                 f"lower the learning rate or check the input data")
+    return value
+
+
+def _check_plain(value, where):
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(f"{where} keys must be strings, got {key!r}")
+            _check_plain(item, f"{where}[{key!r}]")
+    elif isinstance(value, (list, tuple)):
+        for i, item in enumerate(value):
+            _check_plain(item, f"{where}[{i}]")
+    elif not (value is None or isinstance(value, (str, int, float, bool))):
+        raise ValueError(f"{where} is a {type(value).__name__}; save only str, int, float, bool, None, "
+                         f"lists and dicts (convert with float() or .tolist())")
+
+
+def _draw(line):
+    print(f"\r{line}\033[K", end="", flush=True)
+
+
+def _clock(seconds):
+    minutes, seconds = divmod(int(seconds), 60)
+    return f"{minutes}m{seconds:02d}s"

@@ -1,0 +1,675 @@
+"""The gauntlet: every task the bake-off puts a trained autoencoder through.
+
+Each task takes a trained model (any of ae.py's nine) and arrays, and returns numbers or writes a
+figure. run.py calls them in order; nothing here knows about files on disk except the figure
+writers, which write atomically (temp file + rename).
+
+    from tasks import roc_auc, linear_probe
+    roc_auc(labels, scores)                      # exact AUROC, ties count 1/2
+    linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te)   # test accuracy of a converged probe
+
+Sections:
+    metrics        ROC curve, AUROC, average precision, k-NN accuracy, Frechet distance (NumPy)
+    probes         converged multinomial logistic regression (NumPy Newton), the reference
+                   protocol's linear layer (torch), label budgets
+    model tasks    reconstruction error, anomaly scores, interpolation, samples as numbers
+    figures        reconstructions, samples, interpolation GIF, latent maps, ROC curves
+
+References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
+Heusel et al. (2017) for the Frechet distance; the protocol is ../shared/spec/REFERENCE.md.
+Simplified: the probe's Newton solver forms the full Hessian, which is fine for the latent sizes
+here (up to a few hundred weights) but not for raw pixels.
+"""
+
+import inspect
+import os
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+# ---- constants
+
+N_CLASSES = 10
+EVAL_BATCH = 2000            # rows per forward pass when only evaluating; bounds memory, not results
+L2_GRID = np.logspace(-6, 1, 15)   # probe L2 strengths (mean-loss scale); the validation set picks one
+NEWTON_TOL = 1e-7            # max |gradient| at which the probe counts as converged
+NEWTON_MAX_ITER = 100        # Newton converges in ~10-30 steps here; this only stops pathologies
+BIAS_RIDGE = 1e-8           # pins the softmax's free shift of the bias without penalising it
+REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the reference probe protocol
+INTERP_STEPS = 128           # interior points between the two test images, as the reference did
+GIF_FRAME_MS, GIF_PAUSE_MS = 40, 800   # ~25 fps along the path, a pause on each real image
+GIF_SCALE = 2                # 32 px digits are too small to see; nearest-neighbour upscaling
+CONFIDENT = 0.9              # "legible": the judge classifier is at least this sure
+
+
+# ---- metrics: ROC, AUROC, average precision
+
+def _check_binary(labels, scores):
+    """Validate and convert (labels, scores) to (bool array, float64 array)."""
+    labels, scores = np.asarray(labels), np.asarray(scores, dtype=np.float64)
+    if labels.ndim != 1 or labels.shape != scores.shape:
+        raise ValueError(f"labels and scores must be 1-D and the same length, got {labels.shape} "
+                         f"and {scores.shape}")
+    if labels.dtype != bool:
+        if not np.isin(labels, (0, 1)).all():
+            raise ValueError("labels must be boolean (True = positive) or 0/1")
+        labels = labels.astype(bool)
+    if not np.isfinite(scores).all():
+        raise ValueError("scores contain NaN or infinite values; fix the model or drop those rows")
+    return labels, scores
+
+
+def _counts_by_threshold(labels, scores):
+    """Cumulative true and false positives when every distinct score is used as a threshold.
+
+    Sorting once makes this O(n log n). Tied scores share a threshold, so they enter the counts
+    together: that is what makes the trapezoid AUC count a tied (positive, negative) pair as 1/2.
+    """
+    order = np.argsort(-scores, kind="mergesort")
+    scores, labels = scores[order], labels[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), labels.size - 1]
+    tps = np.cumsum(labels)[last_of_tie]
+    fps = (last_of_tie + 1) - tps
+    return tps, fps, scores[last_of_tie]
+
+
+def roc_curve(labels, scores):
+    """ROC curve of a score where higher means "more likely positive".
+
+    Parameters
+    ----------
+    labels : (n,) bool or 0/1, True = positive (anomaly)
+    scores : (n,) float
+
+    Returns
+    -------
+    fpr, tpr : (m + 1,) float, starting at (0, 0) and ending at (1, 1)
+    thresholds : (m + 1,) float, decreasing; thresholds[0] = +inf (nothing flagged)
+    With one class only, the undefined rate is NaN and a RuntimeWarning is issued.
+    """
+    labels, scores = _check_binary(labels, scores)
+    tps, fps, thresholds = _counts_by_threshold(labels, scores)
+    tps, fps = np.r_[0, tps], np.r_[0, fps]
+    n_pos, n_neg = tps[-1], fps[-1]
+    if n_pos == 0 or n_neg == 0:
+        warnings.warn(f"ROC is undefined with only one class present ({n_pos} positives, "
+                      f"{n_neg} negatives)", RuntimeWarning, stacklevel=2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        # fpr = FP / N, tpr = TP / P
+        fpr = fps / n_neg if n_neg else np.full(fps.shape, np.nan)
+        tpr = tps / n_pos if n_pos else np.full(tps.shape, np.nan)
+    return fpr, tpr, np.r_[np.inf, thresholds]
+
+
+def roc_auc(labels, scores):
+    """Area under the ROC curve: P(score of a random positive > random negative), ties as 1/2.
+
+    Parameters
+    ----------
+    labels : (n,) bool or 0/1, True = positive
+    scores : (n,) float, higher = more anomalous
+
+    Returns
+    -------
+    float; NaN (with a RuntimeWarning) when only one class is present.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fpr, tpr, _ = roc_curve(labels, scores)
+    if caught:
+        warnings.warn(str(caught[0].message) + "; AUC is NaN", RuntimeWarning, stacklevel=2)
+        return float("nan")
+    # trapezoid rule: AUC = sum (fpr_k - fpr_{k-1}) * (tpr_k + tpr_{k-1}) / 2
+    return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+
+
+def average_precision(labels, scores):
+    """Area under the precision-recall curve as a step sum (AUPRC).
+
+    AP = sum_k (R_k - R_{k-1}) * P_k over the distinct thresholds; tied scores form one step.
+
+    Parameters
+    ----------
+    labels : (n,) bool or 0/1, True = positive
+    scores : (n,) float
+
+    Returns
+    -------
+    float; NaN (with a RuntimeWarning) when there is no positive.
+    """
+    labels, scores = _check_binary(labels, scores)
+    tps, fps, _ = _counts_by_threshold(labels, scores)
+    if tps[-1] == 0:
+        warnings.warn("average precision is undefined without positives; returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return float("nan")
+    precision = tps / (tps + fps)
+    recall = tps / tps[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+# ---- metrics: nearest neighbours and Frechet distance
+
+def knn_predict(z_ref, y_ref, z_query, k=10, exclude_self=False, block=1024):
+    """Majority vote of the k nearest reference points (Euclidean), computed in blocks.
+
+    Parameters
+    ----------
+    z_ref : (m, d) float, y_ref : (m,) int in [0, 10)
+    z_query : (n, d) float
+    exclude_self : bool, the query set *is* the reference set (leave-one-out)
+
+    Returns
+    -------
+    (n,) int predicted labels; a tied vote goes to the tied class of the nearest neighbour.
+    """
+    z_ref, z_query = np.asarray(z_ref, np.float64), np.asarray(z_query, np.float64)
+    if len(z_ref) <= k:
+        raise ValueError(f"k-NN needs more than k={k} reference points, got {len(z_ref)}")
+    ref_sq = (z_ref ** 2).sum(1)
+    out = np.empty(len(z_query), dtype=np.int64)
+    for start in range(0, len(z_query), block):
+        q = z_query[start:start + block]
+        # d^2(a, b) = |a|^2 + |b|^2 - 2 a.b ; the |a|^2 term does not change the ranking
+        d2 = ref_sq[None, :] - 2 * q @ z_ref.T
+        if exclude_self:
+            d2[np.arange(len(q)), np.arange(start, start + len(q))] = np.inf
+        nearest = np.argpartition(d2, k, axis=1)[:, :k]
+        nearest = np.take_along_axis(nearest, np.argsort(
+            np.take_along_axis(d2, nearest, 1), axis=1), 1)
+        neighbour_class = y_ref[nearest]                                   # (b, k), nearest first
+        rows = np.arange(len(q))[:, None]
+        votes = np.zeros((len(q), N_CLASSES), dtype=np.int64)
+        np.add.at(votes, (rows, neighbour_class), 1)
+        # majority vote; among tied classes, the one of the nearest neighbour wins
+        is_top = votes[rows, neighbour_class] == votes.max(1, keepdims=True)
+        out[start:start + block] = neighbour_class[rows[:, 0], is_top.argmax(1)]
+    return out
+
+
+def frechet_distance(f1, f2):
+    """Frechet distance between Gaussians fitted to two feature sets (the "FID" formula).
+
+    FD = |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^(1/2) C2 C1^(1/2))^(1/2))
+
+    The symmetric form C1^(1/2) C2 C1^(1/2) has the same trace of square root as (C1 C2)^(1/2)
+    and is symmetric, so eigh gives its square root stably, with no SciPy.
+
+    Parameters
+    ----------
+    f1 : (n1, d) float, f2 : (n2, d) float, n1, n2 >= 2
+    """
+    f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if min(len(f1), len(f2)) < 2 or f1.shape[1] != f2.shape[1]:
+        raise ValueError("Frechet distance needs two feature sets of >= 2 rows and equal width")
+    mu1, mu2 = f1.mean(0), f2.mean(0)
+    c1, c2 = np.cov(f1, rowvar=False), np.cov(f2, rowvar=False)
+    c1_half = _sqrtm_psd(c1)
+    cross = _sqrtm_psd(c1_half @ c2 @ c1_half)
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(c1) + np.trace(c2) - 2 * np.trace(cross))
+
+
+def _sqrtm_psd(c):
+    """Square root of a symmetric positive semi-definite matrix via eigh (negatives clipped)."""
+    w, v = np.linalg.eigh((c + c.T) / 2)
+    return (v * np.sqrt(np.clip(w, 0, None))) @ v.T
+
+
+# ---- probes: converged logistic regression
+
+def linear_probe(z_train, y_train, z_val, y_val, z_test, y_test, l2_grid=L2_GRID):
+    """Test accuracy of a multinomial logistic regression on frozen features, trained to convergence.
+
+    Features are standardised with the training set's mean and std; the L2 strength is the one in
+    `l2_grid` with the best validation accuracy (ties go to the stronger penalty).
+
+    Parameters
+    ----------
+    z_train : (n, d), y_train : (n,) int in [0, 10)
+    z_val : (m, d), y_val : (m,)
+    z_test : (t, d), y_test : (t,)
+
+    Returns
+    -------
+    float, accuracy on the test set
+    """
+    return fit_probe(z_train, y_train, z_val, y_val, l2_grid)(z_test, y_test)
+
+
+def fit_probe(z_train, y_train, z_val, y_val, l2_grid=L2_GRID):
+    """Fit the probe of `linear_probe`; returns `accuracy(z, y)` for the chosen model."""
+    z_train = _finite_2d(z_train, "z_train")
+    mean, std = z_train.mean(0), z_train.std(0)
+    std[std == 0] = 1.0   # a constant feature carries no information; leave it at zero
+    design = lambda z: np.c_[(_finite_2d(z, "features") - mean) / std, np.ones(len(z))]
+    x_tr, x_va = design(z_train), design(z_val)
+    y_tr = np.asarray(y_train)
+    if len(np.unique(y_tr)) < 2:
+        raise ValueError("the probe needs at least two classes in its training labels")
+    best_acc, best_w, w = -1.0, None, np.zeros((x_tr.shape[1], N_CLASSES))
+    for lam in sorted(l2_grid, reverse=True):       # strong to weak penalty, warm-started
+        w = _newton_logistic(x_tr, y_tr, lam, w)
+        acc = np.mean((x_va @ w).argmax(1) == y_val)
+        if acc > best_acc:
+            best_acc, best_w = acc, w
+    return lambda z, y: float(np.mean((design(z) @ best_w).argmax(1) == np.asarray(y)))
+
+
+def logistic_objective(x, y, w, lam):
+    """Mean cross-entropy of softmax(x w) plus the L2 penalty; returns (value, gradient, probs).
+
+    x : (n, d) with a last column of ones (the bias), y : (n,) int, w : (d, K).
+    The bias row gets only BIAS_RIDGE: the softmax ignores a shift shared by all classes, and
+    that tiny ridge pins it down without biasing the fit.
+    """
+    n = len(x)
+    penalty = np.full((len(w), 1), lam)
+    penalty[-1] = BIAS_RIDGE
+    logits = x @ w
+    logits -= logits.max(1, keepdims=True)          # softmax is shift-invariant; avoids overflow
+    log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
+    p = np.exp(log_p)
+    # L = -1/n sum_i log p_{i, y_i} + 1/2 sum lam W^2
+    value = -log_p[np.arange(n), y].mean() + 0.5 * (penalty * w ** 2).sum()
+    # dL/dW = X^T (P - Y) / n + lam W
+    residual = p.copy()
+    residual[np.arange(n), y] -= 1
+    return value, x.T @ residual / n + penalty * w, p
+
+
+def _newton_logistic(x, y, lam, w0):
+    """Minimise `logistic_objective` by Newton's method with a backtracking line search."""
+    n, d = x.shape
+    k = N_CLASSES
+    penalty = np.full((d, k), lam)
+    penalty[-1] = BIAS_RIDGE
+    w = w0.copy()
+    for _ in range(NEWTON_MAX_ITER):
+        value, grad, p = logistic_objective(x, y, w, lam)
+        if np.abs(grad).max() < NEWTON_TOL:
+            break
+        # Hessian of the mean cross-entropy: 1/n sum_i (diag(p_i) - p_i p_i^T) kron x_i x_i^T
+        m = (x[:, :, None] * p[:, None, :]).reshape(n, d * k)       # (n, d*k): x_i kron p_i
+        hess = np.zeros((d, k, d, k))
+        diag_k = np.arange(k)
+        # the diag(p_i) part couples weights of the same class only: (d, k, d) -> k blocks (d, d)
+        hess[:, diag_k, :, diag_k] = (m.T @ x / n).reshape(d, k, d).transpose(1, 0, 2)
+        hess = hess.reshape(d * k, d * k) - m.T @ m / n + np.diag(penalty.ravel())
+        step = np.linalg.solve(hess, grad.ravel()).reshape(d, k)
+        t = 1.0
+        while t > 1e-10:   # Armijo backtracking: a full Newton step can overshoot far from the optimum
+            if logistic_objective(x, y, w - t * step, lam)[0] <= value - 1e-4 * t * (grad * step).sum():
+                break
+            t /= 2
+        w = w - t * step
+    return w
+
+
+def label_budget_indices(labels, per_class, seed):
+    """Stratified draw of `per_class` indices of each class (without replacement)."""
+    rng = np.random.default_rng(seed)
+    labels = np.asarray(labels)
+    picked = [rng.choice(np.flatnonzero(labels == c), per_class, replace=False)
+              for c in range(N_CLASSES) if (labels == c).any()]
+    return np.sort(np.concatenate(picked))
+
+
+def _finite_2d(z, name):
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or not np.isfinite(z).all():
+        raise ValueError(f"{name} must be a 2-D array of finite numbers, got shape {z.shape}"
+                         f"{'' if z.ndim != 2 else ' with NaN/inf values'}")
+    return z
+
+
+# ---- probes: the reference protocol (a linear layer trained with Adam)
+
+class FrozenEncoderProbe(nn.Module):
+    """Linear(latent, 10) on top of a frozen autoencoder's `encode` (bottleneck included).
+
+    The autoencoder is kept in a plain list, outside this module's tree, so that `.train()` and
+    `.parameters()` never reach it: its weights stay fixed and its BatchNorm stays in eval mode.
+    The variational bottleneck still samples on every call, as in the reference.
+    """
+
+    def __init__(self, model, sample=True):
+        super().__init__()
+        self._frozen = [model.eval()]
+        self.sample = sample
+        self.linear = nn.Linear(model.latent_dim, N_CLASSES)
+
+    def forward(self, x):
+        with torch.no_grad():
+            z = self._frozen[0].encode(x, sample=self.sample)
+        return self.linear(z)
+
+
+def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=42,
+                     epochs=REF_EPOCHS, batch_size=REF_BATCH, lr=REF_LR, patience=REF_PATIENCE):
+    """The reference protocol: Adam on cross-entropy, early stop on validation accuracy.
+
+    `net` maps images (B, 1024) to logits (B, 10); only its trainable parameters are updated.
+    Returns the test accuracy of the epoch with the best validation accuracy.
+    """
+    device = next(net.parameters()).device
+    gen = torch.Generator().manual_seed(seed)
+    x_train, y_train = _tensor(x_train, device), torch.as_tensor(y_train, device=device).long()
+    opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    best_val, best_state, waited = -1.0, None, 0
+    for _ in range(epochs):
+        net.train()
+        for idx in torch.randperm(len(x_train), generator=gen).split(batch_size):
+            opt.zero_grad()
+            loss = F.cross_entropy(net(x_train[idx.to(device)]), y_train[idx.to(device)])
+            loss.backward()
+            opt.step()
+        val_acc = _accuracy(net, x_val, y_val)
+        if val_acc > best_val:
+            best_val, waited = val_acc, 0
+            best_state = {k: v.clone() for k, v in net.state_dict().items()}
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    net.load_state_dict(best_state)
+    return _accuracy(net, x_test, y_test)
+
+
+def _accuracy(net, x, y):
+    logits = batched(net, x)
+    net.train()
+    return float((logits.argmax(1) == np.asarray(y)).mean())
+
+
+# ---- model tasks
+
+def batched(fn, x, batch_size=EVAL_BATCH, device=None):
+    """Apply a torch module or function to x in eval mode and no_grad; returns a NumPy array."""
+    if isinstance(fn, nn.Module):
+        device = next(fn.parameters()).device
+        fn.eval()
+    outs = []
+    with torch.no_grad():
+        for start in range(0, len(x), batch_size):
+            outs.append(fn(_tensor(x[start:start + batch_size], device)).cpu().numpy())
+    return np.concatenate(outs)
+
+
+def reconstruct(model, x):
+    """Reconstruction probabilities (N, 1024) of `x` by `model`, in eval mode."""
+    return batched(model, x)
+
+
+def encode(model, x, sample=True):
+    """Latent codes (N, latent_dim) after the bottleneck (sampled or mean for the VAEs)."""
+    device = _device_of(model)
+    model.eval()
+    return batched(lambda b: model.encode(b, sample=sample), x, device=device)
+
+
+def per_image_bce(model, x):
+    """Summed binary cross-entropy per image, (N,): the reconstruction error and anomaly score.
+
+    BCE(x, x_hat) = -sum_j [x_j log x_hat_j + (1 - x_j) log(1 - x_hat_j)]
+    """
+    device = _device_of(model)
+    model.eval()
+    bce = lambda b: F.binary_cross_entropy(model(b), b, reduction="none").sum(1)
+    return batched(bce, x, device=device)
+
+
+def anomaly_scores(model, x):
+    """(correct, signed) anomaly scores per image, each (N,), higher = more anomalous.
+
+    correct = summed BCE of the reconstruction.
+    signed  = sum_j (x_hat_j - x_j), the score behind the article's published AUCs: it is not an
+              error (over- and under-shooting pixels cancel) and can be negative.
+    """
+    device = _device_of(model)
+    model.eval()
+    signed = batched(lambda b: (model(b) - b).sum(1), x, device=device)
+    return per_image_bce(model, x), signed
+
+
+def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
+    """Decoded images along a straight line between two encoder outputs, (steps + 2, 1024).
+
+    The line runs through the pre-bottleneck outputs h (for the VAEs: mu and log_sigma), then
+    each point passes the bottleneck and the decoder, as in the reference. `fixed_noise` draws
+    the VAE's eps once for the whole path (the article's suggested fix for the jitter).
+    """
+    device = _device_of(model)
+    model.eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        h = model.encoder(_tensor(np.stack([x_a, x_b]), device))
+        t = torch.linspace(0, 1, steps + 2, device=device)[:, None]
+        # h(t) = (1 - t) h_a + t h_b
+        path = (1 - t) * h[0] + t * h[1]
+        if fixed_noise and "eps" in inspect.signature(model.bottleneck.forward).parameters:
+            eps = torch.randn(1, model.latent_dim, generator=gen).to(device).expand(len(path), -1)
+            z = model.bottleneck(path, eps=eps)
+        else:
+            z = model.bottleneck(path)
+        return model.decoder(z).cpu().numpy()
+
+
+def judge_images(judge, images):
+    """Predicted-class probabilities (N, 10) and penultimate features of a trained classifier."""
+    probs = torch.softmax(torch.as_tensor(batched(judge, images)), 1).numpy()
+    features = batched(judge.features, images)
+    return probs, features
+
+
+def sample_quality(probs, features, test_features):
+    """Legibility, diversity and Frechet distance of generated images as the judge sees them.
+
+    legibility = share of samples with max class probability > CONFIDENT
+    diversity  = entropy (nats) of the histogram of predicted classes; max log 10 = 2.303
+    """
+    hist = np.bincount(probs.argmax(1), minlength=N_CLASSES) / len(probs)
+    nonzero = hist[hist > 0]
+    return {"legibility": float(np.mean(probs.max(1) > CONFIDENT)),
+            "diversity": float(-(nonzero * np.log(nonzero)).sum()),
+            "frechet": frechet_distance(features, test_features)}
+
+
+def path_quality(probs, start_class, end_class):
+    """Mean judge confidence along an interpolation and the classes it passes through."""
+    predicted = probs.argmax(1)
+    others = sorted(set(predicted.tolist()) - {start_class, end_class})
+    return {"mean_confidence": float(probs.max(1).mean()),
+            "third_class": bool(others), "classes_passed": others}
+
+
+class Judge(nn.Module):
+    """A small MLP digit classifier that scores generated images (not a contestant)."""
+
+    def __init__(self, hidden=256):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(1024, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_judge(x_train, y_train, epochs=5, seed=0, device="cpu", batch_size=128, lr=1e-3):
+    """Train the judge with Adam on cross-entropy; returns it in eval mode."""
+    torch.manual_seed(seed)
+    judge = Judge().to(device)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = _tensor(x_train, device), torch.as_tensor(y_train, device=device).long()
+    opt = torch.optim.Adam(judge.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            idx = idx.to(device)
+            opt.zero_grad()
+            loss = F.cross_entropy(judge(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return judge.eval()
+
+
+# ---- figures
+
+def plot_reconstructions(originals, recons_by_model, path):
+    """Top row: the 16 originals; then one row of 16 reconstructions per model."""
+    plt = _pyplot()
+    rows = [("input", originals)] + list(recons_by_model.items())
+    fig, axes = plt.subplots(len(rows), 1, figsize=(12, 0.85 * len(rows) + 0.3))
+    for ax, (name, imgs) in zip(np.atleast_1d(axes), rows):
+        ax.imshow(_tile(imgs, cols=len(imgs)), cmap="gray", vmin=0, vmax=1)
+        ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+        ax.set_xticks([]), ax.set_yticks([])
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_samples(samples_by_model, path, notes=None):
+    """One 4x4 grid of unconditional samples per generative model."""
+    plt = _pyplot()
+    n = len(samples_by_model)
+    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4))
+    for ax, (name, imgs) in zip(np.atleast_1d(axes), samples_by_model.items()):
+        ax.imshow(_tile(imgs, cols=4), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=10)
+        ax.set_xticks([]), ax.set_yticks([])
+        if notes and name in notes:
+            ax.set_xlabel(notes[name], fontsize=8)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def save_gif(frames, path):
+    """Looping GIF that goes forth and back along `frames` (N, 1024), pausing at both ends."""
+    from PIL import Image
+    side = int(round(np.sqrt(frames.shape[1])))
+    # (N, 1024) -> (N, 32, 32) uint8
+    pixels = (np.clip(frames, 0, 1) * 255).astype(np.uint8).reshape(len(frames), side, side)
+    seq = list(pixels) + list(pixels[-2:0:-1])          # forth, then back without repeating ends
+    images = [Image.fromarray(p).resize((side * GIF_SCALE,) * 2, Image.NEAREST) for p in seq]
+    durations = [GIF_FRAME_MS] * len(images)
+    durations[0] = durations[len(pixels) - 1] = GIF_PAUSE_MS
+    _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+                                             append_images=images[1:], duration=durations, loop=0))
+
+
+def plot_latents(points_by_model, labels, path, notes=None, class_names=None):
+    """One scatter panel per model of 2-D points, coloured by class (tab10) with one legend."""
+    plt = _pyplot()
+    n = len(points_by_model)
+    cols = min(3, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 4.2 * rows), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    for ax, (name, pts) in zip(axes.ravel(), points_by_model.items()):
+        for c in range(N_CLASSES):
+            sel = labels == c
+            ax.scatter(pts[sel, 0], pts[sel, 1], s=1.5, color=cmap(c), rasterized=True,
+                       label=class_names[c] if class_names else str(c))
+        ax.set_title(name, fontsize=11)
+        ax.set_xticks([]), ax.set_yticks([])
+        if notes and name in notes:
+            ax.set_xlabel(notes[name], fontsize=8)
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    handles, names = axes.ravel()[0].get_legend_handles_labels()
+    fig.legend(handles, names, loc="lower center", ncol=N_CLASSES, markerscale=6, fontsize=9)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    _savefig(fig, path)
+
+
+def plot_roc(curves_by_model, path):
+    """One ROC panel per model; `curves_by_model[name]` = list of (label, fpr, tpr, auc)."""
+    plt = _pyplot()
+    n = len(curves_by_model)
+    cols = min(3, n)
+    rows = int(np.ceil(n / cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 3.4 * rows), squeeze=False)
+    for ax, (name, curves) in zip(axes.ravel(), curves_by_model.items()):
+        for label, fpr, tpr, auc in curves:
+            ax.plot(fpr, tpr, label=f"{label}: AUC {auc:.3f}")
+        ax.plot([0, 1], [0, 1], color="0.7", lw=0.8, ls="--")
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("false positive rate", fontsize=8)
+        ax.set_ylabel("true positive rate", fontsize=8)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.ravel()[n:]:
+        ax.axis("off")
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_label_budget(budgets, acc_by_model, path):
+    """Probe accuracy vs number of labels (log x), one line per model; acc = (mean, std) lists.
+
+    The error bars are the std over the stratified draws of labelled images.
+    """
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for name, (mean, std) in acc_by_model.items():
+        ax.errorbar(budgets, mean, yerr=std, marker="o", ms=3, capsize=2, label=name)
+    ax.set_xscale("log")
+    ax.set_xlabel("labelled training images")
+    ax.set_ylabel("test accuracy (converged linear probe)")
+    ax.set_title("accuracy vs labels (bars: std over label draws)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    _savefig(fig, path)
+
+
+# ---- helpers
+
+def _tensor(x, device):
+    return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
+
+
+def _device_of(module):
+    return next(module.parameters()).device
+
+
+def _tile(imgs, cols):
+    """(N, 1024) -> one (rows*32, cols*32) image, row-major."""
+    imgs = np.asarray(imgs)
+    side = int(round(np.sqrt(imgs.shape[1])))
+    rows = int(np.ceil(len(imgs) / cols))
+    grid = np.zeros((rows * cols, side, side), dtype=np.float32)
+    grid[:len(imgs)] = imgs.reshape(-1, side, side)
+    # (rows*cols, s, s) -> (rows*s, cols*s)
+    return grid.reshape(rows, cols, side, side).transpose(0, 2, 1, 3).reshape(rows * side, cols * side)
+
+
+def _pyplot():
+    import matplotlib
+    matplotlib.use("Agg")    # figures go to files; no display is needed or wanted
+    import matplotlib.pyplot as plt
+    return plt
+
+
+def _savefig(fig, path):
+    plt = _pyplot()
+    fmt = os.path.splitext(path)[1].lstrip(".") or "png"
+    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110))
+    plt.close(fig)
+
+
+def _atomic(path, write):
+    """Call write(tmp_path) and move the result onto `path` only once it is complete."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)     # mkstemp makes files private; results are meant to be shared
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
