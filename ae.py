@@ -268,9 +268,14 @@ class Stacked(Autoencoder):
         return self.decoder.layers[N_LAYERS - k:](z)
 
     def stages(self, epochs):
-        """epochs // 3 per stage (reference); a remainder goes to the last stage."""
-        per_stage = epochs // N_LAYERS
-        return [(k, per_stage) for k in range(1, N_LAYERS)] + [(N_LAYERS, epochs - per_stage * (N_LAYERS - 1))]
+        """epochs // 3 per stage (reference); a remainder goes to the last stage.
+
+        Every stage gets at least one epoch, so below 3 epochs the stacked model trains 3: with
+        an empty stage the layers of that stage would stay at their random initialisation.
+        """
+        per_stage = max(1, epochs // N_LAYERS)
+        last = max(1, epochs - per_stage * (N_LAYERS - 1))
+        return [(k, per_stage) for k in range(1, N_LAYERS)] + [(N_LAYERS, last)]
 
     def _frozen(self):
         if self.stage is None:
@@ -344,7 +349,9 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
     history = {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
     start = last_draw = time.perf_counter()
     epoch = 0
-    for stage, stage_epochs in model.stages(epochs):
+    schedule = model.stages(epochs)
+    epochs = sum(stage_epochs for _, stage_epochs in schedule)  # stacked trains >= 1 epoch per stage
+    for stage, stage_epochs in schedule:
         model.set_stage(stage)
         # fused: one pass over the weights per step instead of several (CPU and CUDA have the kernel)
         optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
@@ -356,7 +363,7 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
             order = torch.randperm(len(train_x), generator=order_rng).to(device)
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
             for i in range(0, n, batch_size):
-                x = train_x[order[i:i + batch_size]]
+                x = train_x.index_select(0, order[i:i + batch_size])  # (B, 1024), a copy
                 optimizer.zero_grad()
                 loss, _ = model.loss(x)
                 loss.backward()

@@ -13,16 +13,12 @@ train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images,
   It prints (a)/(b) (target <= 1.25 on a 2-core CPU) and (c)/(a), then times vanilla and VAE at
   latent 20 and 2 and extrapolates the full protocol (9 contestants x 2 latent dims x 60 epochs).
 
-Simplified: the train/val split here is a seeded NumPy permutation (the timing does not depend
-on which images are picked); the MNIST files are read with mnist.py if it is there, else with a
-small IDX reader below.
+Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
+on a busy machine the numbers are noisy, so check the load (uptime) first.
 """
 
 import argparse
-import gzip
-import os
 import statistics
-import struct
 import time
 
 import numpy as np
@@ -31,11 +27,11 @@ from PIL import Image
 from torch import nn
 
 import ae
+import mnist
 
 # ---- constants
 
 DATA_DIR = "/work/shared/data/mnist"
-N_TRAIN = 55_000  # reference split: 55k train, 5k validation
 BATCH_SIZE = 256
 PAD = 2  # 28x28 -> 32x32
 PROTOCOL_EPOCHS = 60
@@ -44,43 +40,14 @@ REPEATS = 3  # timed epochs per measurement; the median is reported
 # ---- data
 
 
-def read_idx(path):
-    """An IDX file (optionally gzipped) as a NumPy array: magic (0, 0, type, ndim), sizes, data."""
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        data = f.read()
-    zero, dtype_code, ndim = struct.unpack(">HBB", data[:4])
-    if zero != 0 or dtype_code != 0x08:
-        raise ValueError(f"{path} is not an unsigned-byte IDX file")
-    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
-
-
-def load_train_images(data_dir):
-    """The 60,000 training images, uint8 (60000, 28, 28)."""
+def load_split(data_dir):
+    """uint8 train and validation images (55,000 and 5,000, 28x28), split as the protocol does."""
     try:
-        import mnist
-    except ImportError:
-        mnist = None
-    if mnist is not None and hasattr(mnist, "load"):
-        images = mnist.load("train", data_dir, download=False)
-        images = images[0] if isinstance(images, tuple) else images
-        return np.asarray(images, dtype=np.uint8).reshape(-1, 28, 28)
-    path = os.path.join(data_dir, "train-images-idx3-ubyte.gz")
-    if not os.path.isfile(path):
-        raise SystemExit(f"no MNIST training images at {path}; pass --data-dir")
-    return read_idx(path)
-
-
-def to_vectors(images):
-    """uint8 (N, 28, 28) -> float32 (N, 1024) in [0, 1], zero-padded to 32x32."""
-    padded = np.pad(images, ((0, 0), (PAD, PAD), (PAD, PAD)))  # (N, 28, 28) -> (N, 32, 32)
-    return torch.from_numpy(padded.reshape(len(images), -1).astype(np.float32) / 255)
-
-
-def split(images, seed=42):
-    order = np.random.default_rng(seed).permutation(len(images))
-    return images[order[:N_TRAIN]], images[order[N_TRAIN:]]
+        train_images = mnist.load("mnist", root=data_dir, download=False)[0]
+    except FileNotFoundError as err:
+        raise SystemExit(f"{err}; pass --data-dir with the four MNIST files") from err
+    train_idx, val_idx = mnist.split_indices(len(train_images))
+    return train_images[train_idx], train_images[val_idx]
 
 
 class PaddedMNIST(torch.utils.data.Dataset):
@@ -178,9 +145,9 @@ def epoch_seconds_original(train_images, val_images, device):
 
 
 def bench_train(args, device):
-    images = load_train_images(args.data_dir)
-    train_images, val_images = split(images)
-    train_x, val_x = to_vectors(train_images), to_vectors(val_images)
+    train_images, val_images = load_split(args.data_dir)
+    train_x = torch.from_numpy(mnist.to_vectors(train_images))
+    val_x = torch.from_numpy(mnist.to_vectors(val_images))
     print(f"data: {len(train_x):,} train, {len(val_x):,} validation images; torch threads: {torch.get_num_threads()}")
 
     fit_s = epoch_seconds_fit("vanilla", 20, train_x, val_x, device)

@@ -882,10 +882,12 @@ def test_umap_trustworthiness_matches_slow_reference():
     (np.array([[0.0, 1.0], [np.inf, 0.0]] * 20), {}, "NaN or infinite"),
     (np.zeros(50), {}, "2-D"),
     (np.zeros((5, 5, 5)), {}, "2-D"),
-    (np.array([["a", "b"]] * 20), {}, "numeric"),
+    (np.array([["a", "b"]] * 20), {}, "real numbers"),
+    (np.ones((30, 3)) * 1j, {}, "real numbers"),
     (np.random.default_rng(0).normal(size=(15, 3)), {}, "more than n_neighbors"),
     (np.random.default_rng(0).normal(size=(30, 3)), {"n_neighbors": 1}, "n_neighbors"),
     (np.random.default_rng(0).normal(size=(30, 3)), {"min_dist": -0.1}, "min_dist"),
+    (np.random.default_rng(0).normal(size=(30, 3)), {"min_dist": "0.1"}, "min_dist"),
     (np.random.default_rng(0).normal(size=(30, 3)), {"n_epochs": 0}, "n_epochs"),
     (np.ones((30, 3)), {}, "identical"),
 ])

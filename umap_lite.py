@@ -22,15 +22,22 @@ Simplified against umap-learn (whose defaults are used everywhere else):
     NN-descent: slower beyond ~100k points, but exact and short.
   - Euclidean metric only, 2-D output only, spread = 1, local_connectivity = 1, gamma = 1.
   - PCA initialisation instead of umap-learn's default spectral one (which needs a sparse
-    eigensolver); measured on MNIST codes it gives the same trustworthiness and kNN accuracy.
+    eigensolver). Measured on 20-d autoencoder codes of the MNIST test set (3 seeds each):
+    trustworthiness 0.9765 / 10-NN accuracy 0.942 from PCA, 0.9726 / 0.925 from a spectral
+    start (by subspace iteration), 0.9729 / 0.928 from a random one; PCA also kept the digit
+    clusters' global arrangement best (rank correlation of class-centroid distances 0.84-0.86,
+    against 0.72-0.83). umap-learn itself scores like our PCA run when given init="pca".
   - umap-learn updates the layout one edge at a time (Hogwild-style SGD: each step sees the
     positions the previous one left). Here an epoch's sampled edges are split into 8 random
     batches; each batch computes all its gradients from the same positions and adds them at once
-    with np.bincount, which is what makes it fast in NumPy. With 1 batch per epoch trustworthiness
-    on MNIST codes was ~0.002 below umap-learn's; with 4 to 16 batches it matches.
+    with np.bincount, which is what makes it fast in NumPy. With one batch per epoch the maps of
+    MNIST codes lost 0.002-0.003 trustworthiness; with 4 to 16 batches they match umap-learn's
+    (trustworthiness and 10-NN accuracy equal within seed noise when both start from PCA).
   - n_neighbors counts the point itself, as in umap-learn: each point gets n_neighbors - 1
     neighbours and its kernel is tuned to a total weight of log2(n_neighbors).
 """
+
+import numbers
 
 import numpy as np
 
@@ -38,7 +45,7 @@ import numpy as np
 
 KNN_BLOCK_CELLS = 2**20  # distances held at once by knn (8 MB): a cache-sized block was 2x
                          # faster at 60k points than 256 full rows (123 MB)
-TRUST_BLOCK_CELLS = 2**24  # booleans per rank-counting block in trustworthiness (16 MB)
+TRUST_BLOCK_CELLS = 2**22  # comparisons per block in trustworthiness (4 MB of booleans)
 BISECT_ITERS = 64        # bisection steps for sigma: more than enough for float64 precision
 MIN_SIGMA_SCALE = 1e-3   # sigma is kept above this fraction of the mean neighbour distance
 AB_POINTS = 300          # grid for the a, b fit: 300 points on (0, 3 * spread], as umap-learn
@@ -47,7 +54,10 @@ SPREAD = 1.0             # scale of the embedded points; umap-learn's default
 NEG_RATE = 5             # negative samples per positive one (umap-learn: negative_sample_rate)
 GRAD_CLIP = 4.0          # each gradient component is clipped to [-4, 4], as umap-learn
 REPULSE_EPS = 1e-3       # keeps the repulsive force finite at distance 0
-BATCHES_PER_EPOCH = 8    # measured on MNIST codes: 1 batch loses ~0.002 trustworthiness, 4-16 don't
+BATCHES_PER_EPOCH = 8    # 1 batch per epoch cost 0.002-0.003 trustworthiness on MNIST codes;
+                         # 4 to 16 all match umap-learn's edge-by-edge updates
+EPOCHS_SMALL, EPOCHS_LARGE = 500, 200  # default epochs up to / above SMALL_N points, as
+SMALL_N = 10_000                        # umap-learn: small data sets can afford more
 INIT_SCALE = 10.0        # initial layout spans [0, 10] per axis, as umap-learn
 INIT_NOISE = 1e-4        # tiny jitter so duplicate points do not start on top of each other
 
@@ -70,24 +80,17 @@ def knn(x, k, block=None):
     indices : int64 array (n, k), nearest first
     distances : float64 array (n, k), Euclidean, ascending
     """
-    x = np.asarray(x, dtype=np.float64)
+    x = _check_points(x, "x").astype(np.float64, copy=False)
     n = len(x)
-    if not 1 <= k < n:
-        raise ValueError(f"knn: need 1 <= k < n, got k={k} for n={n} points")
+    if not (isinstance(k, (int, np.integer)) and 1 <= k < n):
+        raise ValueError(f"knn: need an integer 1 <= k < n, got k={k} for n={n} points")
     block = block or max(1, KNN_BLOCK_CELLS // n)
     sq = np.einsum("ij,ij->i", x, x)                                  # |x_i|^2, (n,)
     indices = np.empty((n, k), dtype=np.int64)
     distances = np.empty((n, k), dtype=np.float64)
     for start in range(0, n, block):
         stop = min(start + block, n)
-        rows = np.arange(stop - start)
-        # |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, built in place; (B, d) @ (d, n) -> (B, n)
-        d2 = x[start:stop] @ x.T
-        d2 *= -2.0
-        d2 += sq[start:stop, None]
-        d2 += sq[None, :]
-        np.maximum(d2, 0.0, out=d2)        # round-off can make it slightly negative
-        d2[rows, start + rows] = np.inf    # a point is not its own neighbour
+        d2 = _block_sq_dists(x, sq, start, stop)                      # (B, n)
         # argpartition finds the k smallest in O(n) per row; only those k get sorted
         part = np.argpartition(d2, k - 1, axis=1)[:, :k]              # (B, k), unordered
         part_d2 = np.take_along_axis(d2, part, axis=1)
@@ -189,31 +192,24 @@ def fit_ab(min_dist, spread=SPREAD):
     x = np.linspace(0.0, 3.0 * spread, AB_POINTS)[1:]   # at x = 0 every curve fits exactly
     psi = np.where(x < min_dist, 1.0, np.exp(-(x - min_dist) / spread))
 
-    def residual(a, b):
-        return 1.0 / (1.0 + a * x ** (2.0 * b)) - psi
+    def squared_error(a, b):
+        return np.sum((1.0 / (1.0 + a * x ** (2.0 * b)) - psi) ** 2)
 
     a, b = 1.0, 1.0
     for _ in range(AB_ITERS):
         x2b = x ** (2.0 * b)
         f = 1.0 / (1.0 + a * x2b)
         # df/da = -x^2b f^2,  df/db = -2 a x^2b ln(x) f^2
-        jac = np.stack([-x2b * f**2, -2.0 * a * x2b * np.log(x) * f**2], axis=1)  # (300, 2)
-        r = f - psi
-        step = np.linalg.lstsq(jac, -r, rcond=None)[0]
-        # halve the step until the squared error goes down (keeps a > 0 and avoids overshoot)
-        cost = r @ r
+        jac = np.stack([-x2b * f**2, -2.0 * a * x2b * np.log(x) * f**2], axis=1)  # (299, 2)
+        da, db = np.linalg.lstsq(jac, psi - f, rcond=None)[0]
+        # halve the step until the error drops: keeps a > 0 and avoids overshooting
         scale = 1.0
-        while scale > 1e-6:
-            a_new, b_new = a + scale * step[0], b + scale * step[1]
-            if a_new > 0 and np.sum(residual(a_new, b_new) ** 2) <= cost:
-                break
-            scale *= 0.5
-        else:
-            break                                       # no step improves: converged
-        if abs(a_new - a) + abs(b_new - b) < 1e-12:
-            a, b = a_new, b_new
-            break
-        a, b = a_new, b_new
+        while not (a + scale * da > 0 and squared_error(a + scale * da, b + scale * db)
+                   < squared_error(a, b)):
+            scale /= 2
+            if scale < 1e-9:
+                return float(a), float(b)                # no step helps: converged
+        a, b = a + scale * da, b + scale * db
     return float(a), float(b)
 
 
@@ -232,23 +228,27 @@ def pca_init(x, rng):
     -------
     y : float32 array (n, 2)
     """
+    x = np.asarray(x, dtype=np.float64)
     xc = x - x.mean(axis=0)
     # principal axes = eigenvectors of the d x d scatter matrix X^T X with the largest eigenvalues
     _, vecs = np.linalg.eigh(xc.T @ xc)                 # ascending eigenvalues
-    y = xc @ vecs[:, [-1, -2]]                          # (n, d) -> (n, 2)
-    # eigenvector signs are arbitrary: fix them so the largest loading is positive
-    y *= np.sign(vecs[np.abs(vecs[:, [-1, -2]]).argmax(axis=0), [-1, -2]])
+    axes = vecs[:, [-1, -2]]                            # (d, 2)
+    # an eigenvector's sign is arbitrary: make each axis's largest loading positive, so the map
+    # does not come out mirrored on another LAPACK build
+    axes = axes * np.sign(axes[np.abs(axes).argmax(axis=0), [0, 1]])
+    y = xc @ axes                                       # (n, d) -> (n, 2)
+    # y / max|y| + noise, then each axis mapped to [0, 10]: 10 (y - min) / (max - min)
     y = y / np.abs(y).max() + rng.normal(scale=INIT_NOISE, size=y.shape)
-    span = y.max(axis=0) - y.min(axis=0)
-    return (INIT_SCALE * (y - y.min(axis=0)) / span).astype(np.float32)
+    return (INIT_SCALE * (y - y.min(axis=0)) / (y.max(axis=0) - y.min(axis=0))).astype(np.float32)
 
 
 # ---- 6. layout optimisation
 
 
 def optimize(y, head, tail, weight, a, b, n_epochs, rng):
-    """Move the 2-D points by SGD on UMAP's fuzzy cross-entropy.
-
+    """Move the 2-D points by SGD on UMAP's fuzzy cross-entropy between graph and map,
+        CE = sum_ij  w_ij log(w_ij / v_ij) + (1 - w_ij) log((1 - w_ij) / (1 - v_ij)),
+        v_ij = 1 / (1 + a |y_i - y_j|^2b).
     Edge (i, j) with weight w is sampled every w_max / w epochs (the strongest every epoch).
     Each sample pulls i and j together and pushes i away from NEG_RATE random points (see
     _sgd_step). The learning rate falls linearly from 1 to 0 over the epochs. An epoch's
@@ -291,9 +291,11 @@ def optimize(y, head, tail, weight, a, b, n_epochs, rng):
 def _sgd_step(pos, i, j, n_neg, a, b, alpha, rng):
     """One batched SGD step on the edges (i, j), changing pos (2, n) in place.
 
-        attraction  grad = -2ab d^(2b-2) / (1 + a d^2b) * (y_i - y_j)      (d = |y_i - y_j|)
-        repulsion   grad =  2b / ((0.001 + d^2)(1 + a d^2b)) * (y_i - y_k),  k random
-    Each component is clipped to [-4, 4]; y_i moves by +alpha * grad, y_j by -alpha * grad.
+    The descent directions of the two halves of CE (d = the distance in the map):
+        attraction, -d/dy_i log v_ij:        -2ab d^(2b-2) / (1 + a d^2b) * (y_i - y_j)
+        repulsion, -d/dy_i log(1 - v_ik):    2b / ((0.001 + d^2)(1 + a d^2b)) * (y_i - y_k)
+    with k a random point. Each component is clipped to [-4, 4]. y_i takes both steps times
+    alpha, y_j the opposite of its attraction step, y_k stays put (as in umap-learn).
     """
     n = pos.shape[1]
     a, b = np.float32(a), np.float32(b)
@@ -344,10 +346,10 @@ def embed(x, n_neighbors=15, min_dist=0.1, n_epochs=None, seed=0):
     if n <= n_neighbors:
         raise ValueError(f"x has {n} points, need more than n_neighbors={n_neighbors}; "
                          "pass more points or a smaller n_neighbors")
-    if not 0.0 <= min_dist <= SPREAD:
+    if not (isinstance(min_dist, numbers.Real) and 0.0 <= min_dist <= SPREAD):
         raise ValueError(f"min_dist must lie in [0, {SPREAD}], got {min_dist!r}")
     if n_epochs is None:
-        n_epochs = 500 if n <= 10_000 else 200
+        n_epochs = EPOCHS_SMALL if n <= SMALL_N else EPOCHS_LARGE
     if not (isinstance(n_epochs, (int, np.integer)) and n_epochs >= 1):
         raise ValueError(f"n_epochs must be a positive integer or None, got {n_epochs!r}")
     if np.all(x == x[0]):
@@ -388,22 +390,20 @@ def trustworthiness(x_high, x_low, k=15):
     -------
     float in [0, 1]; 1 = every map neighbour is a true neighbour
     """
-    x_high = _check_points(x_high, "x_high").astype(np.float64)
+    x_high = _check_points(x_high, "x_high").astype(np.float64, copy=False)
     x_low = _check_points(x_low, "x_low")
     n = len(x_high)
     if len(x_low) != n:
         raise ValueError(f"x_high has {n} points but x_low has {len(x_low)}; pass the same points")
-    if not 1 <= k < n / 2:
-        raise ValueError(f"trustworthiness needs 1 <= k < n/2, got k={k} for n={n} points")
+    if not (isinstance(k, (int, np.integer)) and 1 <= k < n / 2):
+        raise ValueError(f"trustworthiness needs an integer 1 <= k < n/2, got k={k} for n={n}")
     low_nn, _ = knn(x_low, k)                                  # (n, k)
     sq = np.einsum("ij,ij->i", x_high, x_high)
     block = max(1, TRUST_BLOCK_CELLS // (k * n))
     total = 0
     for start in range(0, n, block):
         stop = min(start + block, n)
-        rows = np.arange(stop - start)
-        d2 = sq[start:stop, None] + sq[None, :] - 2.0 * (x_high[start:stop] @ x_high.T)  # (B, n)
-        d2[rows, start + rows] = np.inf                        # i is not its own neighbour
+        d2 = _block_sq_dists(x_high, sq, start, stop)                 # (B, n)
         d2_low_nn = np.take_along_axis(d2, low_nn[start:stop], axis=1)             # (B, k)
         # r(i, j) = 1 + #{l : d(i, l) < d(i, j)};  (B, 1, n) < (B, k, 1) -> (B, k, n)
         rank = 1 + np.count_nonzero(d2[:, None, :] < d2_low_nn[:, :, None], axis=2)
@@ -415,14 +415,30 @@ def trustworthiness(x_high, x_low, k=15):
 # ---- helpers
 
 
+def _block_sq_dists(x, sq, start, stop):
+    """Squared distances from rows start:stop of x to all rows, (B, n); a point to itself: inf.
+
+    sq holds |x_i|^2. Uses |a - b|^2 = |a|^2 + |b|^2 - 2 a.b, built in place, clipped at 0.
+    """
+    d2 = x[start:stop] @ x.T                                          # (B, d) @ (d, n) -> (B, n)
+    d2 *= -2.0
+    d2 += sq[start:stop, None]
+    d2 += sq[None, :]
+    np.maximum(d2, 0.0, out=d2)            # round-off can make it slightly negative
+    rows = np.arange(stop - start)
+    d2[rows, start + rows] = np.inf        # a point is not its own neighbour
+    return d2
+
+
 def _check_points(x, name):
     """x as a 2-D float array with finite values, or a ValueError saying what is wrong."""
     x = np.asarray(x)
     if x.ndim != 2:
         raise ValueError(f"{name} must be a 2-D array (points x features), got shape {x.shape}")
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool):
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
-    x = x.astype(np.float64) if not np.issubdtype(x.dtype, np.floating) else x
+    if np.issubdtype(x.dtype, np.integer) or x.dtype == bool:
+        x = x.astype(np.float64)
+    if not np.issubdtype(x.dtype, np.floating):
+        raise ValueError(f"{name} must hold real numbers, got dtype {x.dtype}")
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
         rows = np.flatnonzero(bad)
