@@ -43,7 +43,7 @@ BUDGET_DRAWS = 3                # stratified draws per label budget
 N_GENERATED = 1000              # samples per generative model judged by the classifier
 N_SHOWN = 16                    # images per reconstruction row and per sample grid
 JUDGE_EPOCHS = 5
-QUICK = {"epochs": 2, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
+QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
          "judge_epochs": 1, "budget_draws": 1}
 PUBLISHED = {   # MNIST, single runs, REFERENCE.md; AUC uses the old signed score
     "reconstruction_bce": {"shallow": 123.2, "vanilla": 63.92, "stacked": 87.87, "sparse": 64.27,
