@@ -37,6 +37,7 @@ DATASETS = ("mnist", "fashion", "kmnist")
 FIRST_SEED = 42                 # the reference's seed; further runs use 43, 44, ...
 LATENT, LATENT_ANOMALY = 20, 2  # the two trainings per contestant
 ANOMALY_DIGIT = 1               # the reference's held-out class
+VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can sample or give mu
 N_PROBE = 550                   # labelled images for the classification probe
 LABEL_BUDGETS = (10, 100, 550, 5500)
 BUDGET_DRAWS = 3                # stratified draws per label budget
@@ -62,6 +63,10 @@ PUBLISHED = {   # MNIST, single runs, REFERENCE.md; AUC uses the old signed scor
                          "beta_vae_loose": 688, "vq": 687},
 }
 PUBLISHED_BASELINE = 0.4364     # vanilla encoder + linear layer trained from scratch on 550 labels
+# Per-image training cost ~ parameters + this: the part that does not grow with the model (Python,
+# BatchNorm, Adam's bookkeeping). Measured on CPU: shallow (42k params) runs 3x faster than
+# vanilla (783k), not 18x.
+ETA_OVERHEAD_PARAMS = 300_000
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "boot"]
 
@@ -146,7 +151,7 @@ def load_data(args):
 class Progress:
     """One status line for the whole run: which training, its epoch and losses, and an ETA.
 
-    The ETA weighs each training by epochs x images x parameters, the work it costs.
+    The ETA weighs each training by epochs x images x (parameters + ETA_OVERHEAD_PARAMS).
     """
 
     def __init__(self, jobs):
@@ -197,7 +202,7 @@ def training_jobs(args, data, out_dir):
                 jobs.append({"settings": settings, "idx": idx, "label": label,
                              "path": os.path.join(out_dir, "checkpoints", f"{name}-z{latent}-s{seed}"
                                                   f"{'' if digit is None else f'-no{digit}'}-{key}.pt"),
-                             "work": args.epochs * len(idx) * n_params})
+                             "work": args.epochs * len(idx) * (n_params + ETA_OVERHEAD_PARAMS)})
     return jobs
 
 
@@ -356,9 +361,6 @@ def run_tasks(trained, data, args, seed, device, out_dir, judge, first):
     return m
 
 
-VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")
-
-
 def cached_embedding(out_dir, meta, z, seed, n_epochs):
     """umap_lite of the codes, cached beside the checkpoints (it is the slowest task)."""
     key = hashlib.sha1(json.dumps([meta["settings"], len(z), seed, n_epochs],
@@ -393,15 +395,25 @@ def write_figures(figs, data, args, out_dir, n_map):
                                 os.path.join(out_dir, "label_budgets.png"))
 
 
-def baseline_from_scratch(data, seed, device):
-    """The article's baseline: a fresh vanilla encoder + linear layer trained on the 550 labels."""
-    ae.set_seed(seed)
-    encoder = ae.build("vanilla", LATENT).encoder
-    net = torch.nn.Sequential(encoder, torch.nn.Linear(LATENT, tasks.N_CLASSES)).to(device)
+def baselines(data, seed, device):
+    """Classifiers without a trained autoencoder, on the 550 labels, with the reference protocol.
+
+    from_scratch: the article's baseline, a fresh vanilla encoder + linear layer, all trained.
+    random_encoder: a fresh vanilla encoder left frozen at its random weights + linear layer;
+    it tells what the probe gets from the architecture alone, with no representation learnt.
+    """
     x_all, y_all = data["x_all"], data["y_all"]
     probe_idx = mnist.probe_indices(data["train_idx"], n=min(N_PROBE, len(data["train_idx"])))
-    return tasks.train_classifier(net, x_all[probe_idx], y_all[probe_idx], x_all[data["val_idx"]],
-                                  y_all[data["val_idx"]], data["x_test"], data["y_test"], seed)
+    out = {}
+    for kind in ("from_scratch", "random_encoder"):
+        ae.set_seed(seed)
+        model = ae.build("vanilla", LATENT).to(device)
+        net = (torch.nn.Sequential(model.encoder, torch.nn.Linear(LATENT, tasks.N_CLASSES)).to(device)
+               if kind == "from_scratch" else tasks.FrozenEncoderProbe(model).to(device))
+        out[f"probe_accuracy_{kind}"] = {"vanilla": tasks.train_classifier(
+            net, x_all[probe_idx], y_all[probe_idx], x_all[data["val_idx"]], y_all[data["val_idx"]],
+            data["x_test"], data["y_test"], seed)}
+    return out
 
 
 def get_judge(data, args, device, out_dir):
@@ -472,11 +484,10 @@ def main(argv=None):
     stages["training"] = time.time() - t
     t = time.time()
     judge = get_judge(data, args, device, out_dir)
-    per_seed, baselines = [], []
+    per_seed = []
     for i, seed in enumerate(seeds_of(args)):
         per_seed.append(run_tasks(trained, data, args, seed, device, out_dir, judge, first=i == 0))
-        baselines.append(baseline_from_scratch(data, seed, device))
-        per_seed[-1]["probe_accuracy_from_scratch"] = {"vanilla": baselines[-1]}
+        per_seed[-1].update(baselines(data, seed, device))
     stages["tasks"] = time.time() - t
     stages["total"] = time.time() - t_start
     results = {"config": {**{k: v for k, v in vars(args).items()}, "seeds": seeds_of(args),
@@ -606,7 +617,9 @@ def write_report(results, out_dir):
     add(_table(cols, rows))
     add(f"Baseline, the vanilla encoder + linear layer trained from scratch on the same labels "
         f"(reference protocol): {_fmt(m, 'probe_accuracy_from_scratch', 'vanilla', 4)}"
-        + (f" (published {PUBLISHED_BASELINE})." if mnist_ref else ".") + "\n")
+        + (f" (published {PUBLISHED_BASELINE})." if mnist_ref else ".")
+        + f" The same encoder left frozen at its random initialisation, with only the linear layer "
+        f"trained: {_fmt(m, 'probe_accuracy_random_encoder', 'vanilla', 4)}.\n")
     budgets = [b for b in LABEL_BUDGETS if f"probe_accuracy_{b}_labels" in m]
     if budgets:
         add("Label budgets: converged probe trained on a stratified draw of N labels "
@@ -692,10 +705,14 @@ def audit(m, names, digits):
     base = mean("probe_accuracy_from_scratch", "vanilla")
     if have("sparse"):
         r, c = mean("probe_accuracy_reference_protocol", "sparse"), mean("probe_accuracy", "sparse")
+        others_conv = [mean("probe_accuracy", n) for n in names if n != "sparse"]
+        ref_bad = r < base
+        conv_bad = bool(others_conv) and c < np.median(others_conv)
         check("Sparse features are not suited for classification (below the from-scratch baseline).",
-              r < base and c < base,
-              f"sparse: reference {r:.3f}, converged {c:.3f}; baseline {base:.3f}",
-              partly=(r < base) != (c < base))
+              ref_bad and conv_bad,
+              f"sparse: reference protocol {r:.3f} (baseline {base:.3f}); converged probe {c:.3f} "
+              f"vs the other models' median {np.median(others_conv) if others_conv else float('nan'):.3f}",
+              partly=ref_bad != conv_bad)
     others = [n for n in names if n != "sparse"]
     if others:
         above = [n for n in others if mean("probe_accuracy_reference_protocol", n) > base]
