@@ -1,7 +1,7 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python bench.py [--data-dir /work/shared/data/mnist] [--only train|all] [--device cpu]
+    python bench.py [--data-dir /work/shared/data/mnist] [--only train|umap|all] [--device cpu]
 
 train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images, timed three ways:
   (a) ae.fit as the project runs it (data on the device, index-shuffled batches, validation);
@@ -13,12 +13,23 @@ train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images,
   It prints (a)/(b) (target <= 1.25 on a 2-core CPU) and (c)/(a), then times vanilla and VAE at
   latent 20 and 2 and extrapolates the full protocol (9 contestants x 2 latent dims x 60 epochs).
 
+umap: umap_lite against umap-learn (optional: pip install umap-learn scikit-learn) on the 20-d
+  codes of the 10,000 test images from a vanilla autoencoder trained for 3 epochs:
+  trustworthiness (k = 15), 5-fold 10-NN accuracy of the map, wall time (umap-learn cold and
+  warm), peak extra memory, then umap_lite on the 60,000 training codes; both maps side by side
+  in a PNG. Each embedding runs in a fresh child process.
+
 Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
 on a busy machine the numbers are noisy, so check the load (uptime) first.
 """
 
 import argparse
+import json
+import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 
 import numpy as np
@@ -28,6 +39,7 @@ from torch import nn
 
 import ae
 import mnist
+import umap_lite
 
 # ---- constants
 
@@ -171,12 +183,151 @@ def bench_train(args, device):
 
 
 # ---- umap
-# (bench_umap(args, device) goes here and into SECTIONS below)
+
+UMAP_AE_EPOCHS = 3        # a few epochs already give the codes their digit clusters
+UMAP_SEED = 0             # for the autoencoder and both UMAPs (umap-learn then runs on one thread)
+UMAP_PNG = "results/umap_compare.png"
+UMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # buffers over 128 KiB go back to the OS when freed
+
+# Runs in a fresh process. argv: codes.npy, out prefix, seed, then "umap_lite" or umap-learn
+# inits; prints a JSON list of {seconds, peak_mb}, one per call, and saves each map.
+UMAP_CHILD = r"""
+import json, sys, time, warnings
+import numpy as np
+
+def status_mb(field):
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
+
+x, prefix, seed, runs = np.load(sys.argv[1]), sys.argv[2], int(sys.argv[3]), []
+for i, what in enumerate(sys.argv[4:]):
+    if what == "umap_lite":
+        import umap_lite
+        embed = lambda: umap_lite.embed(x, seed=seed)
+    else:
+        import umap
+        warnings.simplefilter("ignore")           # "n_jobs overridden by random_state": intended
+        embed = lambda: umap.UMAP(random_state=seed, init=what).fit_transform(x)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                               # VmHWM := the current resident set
+    start_mb, start = status_mb("VmRSS"), time.perf_counter()
+    np.save(f"{prefix}{i}.npy", embed())
+    runs.append({"seconds": time.perf_counter() - start, "peak_mb": status_mb("VmHWM") - start_mb})
+print(json.dumps(runs))
+"""
+
+
+def bench_umap(args, device=None):
+    from sklearn.model_selection import cross_val_score
+    from sklearn.neighbors import KNeighborsClassifier
+
+    train_codes, test_codes, labels = _umap_codes(args.data_dir, device)
+    print(f"codes: {len(test_codes):,} x {test_codes.shape[1]} (MNIST test) from a vanilla "
+          f"autoencoder trained {UMAP_AE_EPOCHS} epochs; load average {os.getloadavg()[0]:.2f}")
+    (ours,) = _umap_run(test_codes, ["umap_lite"])
+    # cold (numba compiles), warm, and warm with umap_lite's initialisation
+    cold, default, pca = _umap_run(test_codes, ["spectral", "spectral", "pca"])
+    # the warm peaks again, with freed buffers handed back to the OS so that a warm call cannot
+    # reuse heap an earlier one left (not used for times: it slows big allocations down)
+    _, default["peak_mb"], pca["peak_mb"] = (
+        run["peak_mb"] for run in _umap_run(test_codes, ["spectral", "spectral", "pca"], UMAP_ENV))
+    ours["label"], default["label"] = "umap_lite (PCA init)", "umap-learn (spectral init)"
+    pca["label"] = 'umap-learn init="pca"'
+    print(f"{'':28s} {'trust(15)':>9s} {'10-NN acc':>9s} {'warm s':>7s} {'cold s':>7s} {'peak MB':>8s}")
+    for row in (ours, default, pca):
+        row["trust"] = umap_lite.trustworthiness(test_codes, row["y"], k=15)
+        knn10 = KNeighborsClassifier(n_neighbors=10)
+        row["acc"] = cross_val_score(knn10, row["y"], labels, cv=5).mean()
+        cold_s = f"{cold['seconds']:7.1f}" if row is default else f"{'-':>7s}"
+        print(f"{row['label']:28s} {row['trust']:9.4f} {row['acc']:9.4f} {row['seconds']:7.1f} "
+              f"{cold_s} {row['peak_mb']:8.0f}")
+    print(f"(umap_lite has nothing to compile: its one call is its time; umap-learn's cold call "
+          f"peaked at {cold['peak_mb']:.0f} MB)")
+    d_trust, d_acc = ours["trust"] - default["trust"], ours["acc"] - default["acc"]
+    ratio = ours["seconds"] / default["seconds"]
+    print(f"umap_lite vs umap-learn default: trustworthiness {d_trust:+.4f} (target |d| <= 0.01: "
+          f"{_umap_ok(abs(d_trust) <= 0.01)}), 10-NN accuracy {d_acc:+.4f} (|d| <= 0.02: "
+          f"{_umap_ok(abs(d_acc) <= 0.02)}), time {ratio:.2f}x warm (<= 2: {_umap_ok(ratio <= 2)})")
+
+    (big,) = _umap_run(train_codes, ["umap_lite"])
+    print(f"umap_lite on {len(train_codes):,} x {train_codes.shape[1]} (MNIST train codes): "
+          f"{big['seconds']:.1f} s, peak extra {big['peak_mb']:.0f} MB "
+          f"(target < 2048 MB: {_umap_ok(big['peak_mb'] < 2048)})")
+
+    path = getattr(args, "umap_png", UMAP_PNG)
+    _umap_plot([ours, default], labels, path)
+    print(f"wrote {path}")
+
+
+# ---- umap helpers
+
+
+def _umap_codes(data_dir, device):
+    """Train a vanilla autoencoder briefly; its codes: train (60k, 20), test (10k, 20), labels."""
+    train_images, _, test_images, test_labels = mnist.load("mnist", root=data_dir, download=False)
+    x = mnist.to_vectors(train_images)
+    train_idx, val_idx = mnist.split_indices(len(x))
+    ae.set_seed(UMAP_SEED)
+    model = ae.build("vanilla", 20)
+    ae.fit(model, x[train_idx], x[val_idx], epochs=UMAP_AE_EPOCHS, progress=False, device=device)
+    on = next(model.parameters()).device
+
+    @torch.no_grad()
+    def encode(v):
+        batches = (torch.as_tensor(v[i:i + 4096], device=on) for i in range(0, len(v), 4096))
+        return np.concatenate([model.encode(batch).cpu().numpy() for batch in batches])
+
+    return encode(x), encode(mnist.to_vectors(test_images)), test_labels
+
+
+def _umap_run(codes, calls, env=None):
+    """Run UMAP_CHILD in a fresh process: one embedding per entry of calls ("umap_lite" or a
+    umap-learn init). Returns a dict per call: seconds, peak_mb, y (the map)."""
+    here = os.path.dirname(os.path.abspath(umap_lite.__file__))
+    with tempfile.TemporaryDirectory() as tmp:
+        path, prefix = os.path.join(tmp, "codes.npy"), os.path.join(tmp, "map")
+        np.save(path, codes)
+        command = [sys.executable, "-c", UMAP_CHILD, path, prefix, str(UMAP_SEED), *calls]
+        done = subprocess.run(command, cwd=here, env={**os.environ, **(env or {})},
+                              capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"UMAP run {calls} failed:\n{done.stderr[-2000:]}")
+        runs = json.loads(done.stdout.strip().splitlines()[-1])
+        for i, run in enumerate(runs):
+            run["y"] = np.load(f"{prefix}{i}.npy")
+    return runs
+
+
+def _umap_ok(passed):
+    return "ok" if passed else "MISSED"
+
+
+def _umap_plot(rows, labels, path):
+    """The maps side by side, one tab10 colour per digit; written via a temp file + rename."""
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6 * len(rows) + 1, 6.4), layout="constrained")
+    for ax, row in zip(fig.subplots(1, len(rows)), rows):
+        for digit in range(10):
+            at = labels == digit
+            ax.scatter(row["y"][at, 0], row["y"][at, 1], s=1, color=colormaps["tab10"](digit),
+                       label=str(digit), rasterized=True)
+        ax.set_title(f"{row['label']}\ntrustworthiness {row['trust']:.4f}, "
+                     f"10-NN accuracy {row['acc']:.4f}")
+        ax.set_xticks([])
+        ax.set_yticks([])
+    handles, names = ax.get_legend_handles_labels()
+    fig.legend(handles, names, title="digit", markerscale=8, loc="outside right center")
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    tmp = path + ".tmp.png"
+    fig.savefig(tmp, dpi=100)
+    os.replace(tmp, path)
 
 
 # ---- main
 
-SECTIONS = {"train": bench_train}
+SECTIONS = {"train": bench_train, "umap": bench_umap}
 
 
 def main():
@@ -184,6 +335,7 @@ def main():
     parser.add_argument("--data-dir", default=DATA_DIR, help="folder with the four MNIST IDX .gz files")
     parser.add_argument("--only", choices=[*SECTIONS, "all"], default="all", help="which benchmark to run")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: picked automatically)")
+    parser.add_argument("--umap-png", default=UMAP_PNG, help="where the umap section draws both maps")
     args = parser.parse_args()
     device = ae.pick_device(args.device)
     for name, section in SECTIONS.items():
