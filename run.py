@@ -18,6 +18,7 @@ import datetime
 import hashlib
 import json
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -371,7 +372,7 @@ def cached_embedding(out_dir, meta, z, seed, n_epochs):
         return np.load(path)
     emb = umap_lite.embed(z, seed=seed, n_epochs=n_epochs)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tasks._atomic(path, lambda tmp: np.save(open(tmp, "wb"), emb))
+    tasks.write_atomically(path, lambda tmp: np.save(tmp, emb))
     return emb
 
 
@@ -429,7 +430,7 @@ def get_judge(data, args, device, out_dir):
     idx = data["train_idx"]
     judge = tasks.train_judge(data["x_all"][idx], data["y_all"][idx], epochs=epochs, device=device)
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tasks._atomic(path, lambda tmp: torch.save(judge.state_dict(), tmp))
+    tasks.write_atomically(path, lambda tmp: torch.save(judge.state_dict(), tmp))
     return judge
 
 
@@ -504,7 +505,7 @@ def main(argv=None):
                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                "metrics": summarise(per_seed)}
     path = os.path.join(out_dir, "results.json")
-    tasks._atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(results, indent=1)))
+    tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(results, indent=1)))
     report_path = write_report(results, out_dir)
     print(f"done in {_hms(stages['total'])}: {report_path} (results: {path})")
     return results
@@ -670,7 +671,7 @@ def write_report(results, out_dir):
                + [[f"seconds: {k}", f"{v:.0f}"] for k, v in stages.items()]
                + [[k, f"`{v}`"] for k, v in env.items()]))
     path = os.path.join(out_dir, "REPORT.md")
-    tasks._atomic(path, lambda tmp: open(tmp, "w").write("\n".join(L)))
+    tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(L)))
     return path
 
 

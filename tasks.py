@@ -556,7 +556,7 @@ def save_gif(frames, path):
     images = [Image.fromarray(p).resize((side * GIF_SCALE,) * 2, Image.NEAREST) for p in seq]
     durations = [GIF_FRAME_MS] * len(images)
     durations[0] = durations[len(pixels) - 1] = GIF_PAUSE_MS
-    _atomic(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
+    write_atomically(path, lambda tmp: images[0].save(tmp, format="GIF", save_all=True,
                                              append_images=images[1:], duration=durations, loop=0))
 
 
@@ -656,11 +656,11 @@ def _pyplot():
 def _savefig(fig, path):
     plt = _pyplot()
     fmt = os.path.splitext(path)[1].lstrip(".") or "png"
-    _atomic(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110))
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format=fmt, dpi=110))
     plt.close(fig)
 
 
-def _atomic(path, write):
+def write_atomically(path, write):
     """Call write(tmp_path) and move the result onto `path` only once it is complete."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
