@@ -259,7 +259,7 @@ def run_tasks(trained, data, args, seed, device, out_dir, judge, first):
     put = lambda metric, name, value: m.setdefault(metric, {}).__setitem__(name, value)
     figs = {"recon": {}, "samples": {}, "maps20": {}, "maps2": {}, "roc": {}, "notes20": {},
             "notes2": {}, "sample_notes": {}, "budgets": {}}
-    judge_test_probs, judge_test_feats = tasks.judge_images(judge, x_test[:N_GENERATED])
+    _, judge_test_feats = tasks.judge_images(judge, x_test[:N_GENERATED])
     for name in args.models:
         t0 = time.time()
         model, meta = trained[(name, LATENT, seed, None)]
@@ -310,9 +310,9 @@ def run_tasks(trained, data, args, seed, device, out_dir, judge, first):
         put("anomaly_auc", name, tasks.roc_auc(is_anomaly, bce))
         put("anomaly_auprc", name, tasks.average_precision(is_anomaly, bce))
         put("anomaly_auc_signed_score", name, tasks.roc_auc(is_anomaly, signed))
-        for digit in args.anomaly_digits:
-            model_d, _ = trained[(name, LATENT_ANOMALY, seed, digit)]
-            score = tasks.per_image_bce(model_d, x_test)
+        for digit in args.anomaly_digits:     # the reference's digit is scored above already
+            score = bce if digit == ANOMALY_DIGIT else tasks.per_image_bce(
+                trained[(name, LATENT_ANOMALY, seed, digit)][0], x_test)
             put(f"anomaly_auc_digit_{digit}", name, tasks.roc_auc(y_test == digit, score))
         # samples and interpolation, judged by the classifier
         if name in ae.GENERATIVE:
@@ -338,14 +338,13 @@ def run_tasks(trained, data, args, seed, device, out_dir, judge, first):
                 tasks.save_gif(frames, os.path.join(out_dir, f"interp_{name}{suffix}.gif"))
         if first:
             figs["recon"][name] = tasks.reconstruct(model, x_test[:N_SHOWN])
-            if LATENT > 2:
-                umap_epochs = QUICK["umap_epochs"] if args.quick else None
-                emb = cached_embedding(out_dir, meta, z_map, seed, umap_epochs)
-                trust = umap_lite.trustworthiness(z_map, emb, k=15)
-                put("umap_trustworthiness", name, float(trust))
-                figs["maps20"][name] = emb
-                figs["notes20"][name] = (f"trust(15) {trust:.3f} | 10-NN 20-d "
-                                         f"{m['latent_knn_accuracy'][name]:.3f}")
+            umap_epochs = QUICK["umap_epochs"] if args.quick else None
+            emb = cached_embedding(out_dir, meta, z_map, seed, umap_epochs)
+            trust = umap_lite.trustworthiness(z_map, emb, k=15)
+            put("umap_trustworthiness", name, float(trust))
+            figs["maps20"][name] = emb
+            figs["notes20"][name] = (f"trust(15) {trust:.3f} | 10-NN 20-d "
+                                     f"{m['latent_knn_accuracy'][name]:.3f}")
             z2 = tasks.encode(model2, x_test[:n_map])
             figs["maps2"][name] = z2
             figs["notes2"][name] = f"10-NN {np.mean(tasks.knn_predict(z2, y_test[:n_map], z2, 10, True) == y_test[:n_map]):.3f}"
@@ -384,9 +383,8 @@ def write_figures(figs, data, args, out_dir, n_map):
     if figs["samples"]:
         tasks.plot_samples(figs["samples"], os.path.join(out_dir, "samples.png"),
                            figs["sample_notes"])
-    if figs["maps20"]:
-        tasks.plot_latents(figs["maps20"], y_map, os.path.join(out_dir, "latent_umap.png"),
-                           figs["notes20"], names)
+    tasks.plot_latents(figs["maps20"], y_map, os.path.join(out_dir, "latent_umap.png"),
+                       figs["notes20"], names)
     tasks.plot_latents(figs["maps2"], y_map, os.path.join(out_dir, "latent_2d.png"),
                        figs["notes2"], names)
     tasks.plot_roc(figs["roc"], os.path.join(out_dir, "anomaly_roc.png"))

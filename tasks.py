@@ -431,8 +431,14 @@ def anomaly_scores(model, x):
     """
     device = _device_of(model)
     model.eval()
-    signed = batched(lambda b: (model(b) - b).sum(1), x, device=device)
-    return per_image_bce(model, x), signed
+
+    def both(b):   # one reconstruction serves both scores (a VAE's would differ per forward)
+        x_hat = model(b)
+        return torch.stack([F.binary_cross_entropy(x_hat, b, reduction="none").sum(1),
+                            (x_hat - b).sum(1)], dim=1)
+
+    scores = batched(both, x, device=device)
+    return scores[:, 0], scores[:, 1]
 
 
 def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
