@@ -43,6 +43,7 @@ from torch import nn
 
 import ae
 import mnist
+import run
 import umap_lite
 
 # ---- constants
@@ -62,7 +63,7 @@ def load_split(data_dir):
         train_images = mnist.load("mnist", root=data_dir, download=False)[0]
     except FileNotFoundError as err:
         raise SystemExit(f"{err}; pass --data-dir with the four MNIST files") from err
-    train_idx, val_idx = mnist.split_indices(len(train_images))
+    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(train_images)))
     return train_images[train_idx], train_images[val_idx]
 
 
@@ -304,7 +305,7 @@ def _umap_codes(data_dir, device):
     """Train a vanilla autoencoder briefly; its codes: train (60k, 20), test (10k, 20), labels."""
     train_images, _, test_images, test_labels = mnist.load("mnist", root=data_dir, download=False)
     x = mnist.to_vectors(train_images)
-    train_idx, val_idx = mnist.split_indices(len(x))
+    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(x)))
     ae.set_seed(UMAP_SEED)
     model = ae.build("vanilla", 20)
     ae.fit(model, x[train_idx], x[val_idx], epochs=UMAP_AE_EPOCHS, progress=False, device=device)

@@ -4,7 +4,8 @@ Use:
     import mnist
     train_x, train_y, test_x, test_y = mnist.load("mnist", root="data")   # uint8, (N, 28, 28), (N,)
     x = mnist.to_vectors(train_x)                                         # float32 (N, 1024) in [0, 1]
-    train_idx, val_idx = mnist.split_indices(len(train_x))                # 55,000 / 5,000
+    perm = torch.randperm(60000, generator=torch.Generator().manual_seed(42)).numpy()  # or any permutation
+    train_idx, val_idx = mnist.split_indices(perm)                        # 55,000 / 5,000
     python mnist.py [mnist|fashion|kmnist] [--root DIR] [--no-download]   # load and summarise
 
 `load` looks for the four files (raw or .gz) in `root`, `root/<name>`, torchvision's
@@ -51,7 +52,6 @@ N_CLASSES = 10      # labels are 0-9
 PAD = 2             # zero border that turns 28 x 28 into 32 x 32, i.e. 1024 inputs (REFERENCE.md)
 N_VAL = 5000        # the last 5,000 of the seeded permutation of the 60k training images validate
 N_PROBE = 550       # the linear probe learns from the first 550 training indices only
-SEED = 42           # the reference's split seed
 
 # The four files of every data set, in the order load() returns them.
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",
@@ -363,11 +363,20 @@ def to_vectors(images):
     return out.reshape(n, -1)  # (N, 32, 32) -> (N, 1024)
 
 
-def split_indices(n, n_val=N_VAL, seed=SEED):
-    """Seeded permutation of range(n): the first n - n_val indices train, the last n_val validate."""
+def split_indices(perm, n_val=N_VAL):
+    """Split a permutation of range(n): its first n - n_val indices train, its last n_val validate.
+
+    The caller draws the permutation. The companion code draws it with
+    torch.randperm(60000, generator=torch.Generator().manual_seed(42)); run.py does the same, so
+    our training, validation and probe images are the article's. Kept out of this module so that
+    it needs NumPy only.
+    """
+    perm = np.asarray(perm)
+    n = len(perm)
+    if perm.ndim != 1 or not np.array_equal(np.sort(perm), np.arange(n)):
+        raise ValueError(f"split_indices: expected a permutation of range(n), got {perm.dtype} {perm.shape}")
     if not 0 <= n_val < n:
         raise ValueError(f"split_indices: n_val must be in [0, n), got n_val={n_val}, n={n}")
-    perm = np.random.default_rng(seed).permutation(n)
     return perm[:n - n_val], perm[n - n_val:]
 
 

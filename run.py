@@ -35,7 +35,9 @@ import umap_lite
 # ---- constants
 
 DATASETS = ("mnist", "fashion", "kmnist")
-FIRST_SEED = 42                 # the reference's seed; further runs use 43, 44, ...
+FIRST_SEED = 42                 # the companion code's seed; further runs use 43, 44, ...
+SPLIT_SEED = 42                 # the companion code's split: torch.randperm on a CPU generator seeded 42
+SPLIT = f"torch.randperm seed {SPLIT_SEED}"   # recorded with every checkpoint: a new split retrains
 LATENT, LATENT_ANOMALY = 20, 2  # the two trainings per contestant
 ANOMALY_DIGIT = 1               # the reference's held-out class
 CLEAR_MARGIN = 0.02             # audit: a lead in confidence smaller than this is no lead
@@ -139,13 +141,18 @@ def load_data(args):
         sys.exit(f"run.py: error: {err}")
     x_all, x_test = mnist.to_vectors(train_images), mnist.to_vectors(test_images)
     n_val = min(mnist.N_VAL, len(x_all) // 10)       # tiny test data sets keep a tenth for val
-    train_idx, val_idx = mnist.split_indices(len(x_all), n_val=n_val)
+    train_idx, val_idx = mnist.split_indices(split_permutation(len(x_all)), n_val=n_val)
     if args.quick:
         train_idx = train_idx[:QUICK["n_train"]]
     return {"x_all": x_all, "y_all": train_labels.astype(np.int64), "train_idx": train_idx,
             "val_idx": val_idx, "x_test": x_test, "y_test": test_labels.astype(np.int64),
             "fingerprint": hashlib.md5(train_images.tobytes()[:1 << 20]
                                        + train_labels.tobytes()).hexdigest()[:12]}
+
+
+def split_permutation(n, seed=SPLIT_SEED):
+    """The companion code's permutation of the n training images (src/data.py, _split_train_val)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
 # ---- training, with checkpoints that are reused
@@ -197,7 +204,7 @@ def training_jobs(args, data, out_dir):
                 settings = {"model": name, "latent_dim": latent, "seed": seed,
                             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                             "dataset": args.dataset, "held_out_digit": digit,
-                            "n_train": int(len(idx)), "data": data["fingerprint"]}
+                            "n_train": int(len(idx)), "data": data["fingerprint"], "split": SPLIT}
                 key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
                 label = f"{name} z={latent} seed {seed}" + ("" if digit is None else f" w/o {digit}")
                 n_params = sum(p.numel() for p in ae.build(name, latent).parameters())
@@ -420,7 +427,7 @@ def get_judge(data, args, device, out_dir):
     """The digit classifier that scores samples and interpolations, trained once and cached."""
     epochs = QUICK["judge_epochs"] if args.quick else JUDGE_EPOCHS
     path = os.path.join(out_dir, "checkpoints",
-                        f"judge-{data['fingerprint']}-e{epochs}-n{len(data['train_idx'])}.pt")
+                        f"judge-{data['fingerprint']}-e{epochs}-n{len(data['train_idx'])}-split{SPLIT_SEED}.pt")
     judge = tasks.Judge().to(device)
     if os.path.exists(path):
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True))
