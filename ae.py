@@ -12,12 +12,13 @@ Every model is encoder -> bottleneck -> decoder. The encoders and decoders are f
 (Linear -> BatchNorm -> ReLU, three layers each but for the shallow one); the contestants differ
 only in their bottleneck (identity, sparse, variational, vector-quantised), in the denoising
 model's input noise and in the stacked model's greedy layer-wise schedule. Widths, losses and
-hyperparameters follow the article (bakeoff-blog.txt) and the facts in REFERENCE.md, which
-fix what the article leaves open.
+hyperparameters follow the article and PROTOCOL.md (in the repository root), which fixes what
+the article leaves open, mostly by following the article's companion code.
 
-References: the article "The Great Autoencoder Bake Off" (Tilman Krokotsch, 2021); Kingma &
-Welling, Auto-Encoding Variational Bayes (2014); Higgins et al., beta-VAE (2017); van den Oord
-et al., Neural Discrete Representation Learning (2017).
+Sources: the article "The Great Autoencoder Bake Off" (Tilman Krokotsch, 2021,
+https://krokotsch.eu/posts/ae-bakeoff/) and its companion code (github.com/tilman151/ae_bakeoff);
+Kingma & Welling, Auto-Encoding Variational Bayes (2014); Higgins et al., beta-VAE (2017);
+van den Oord et al., Neural Discrete Representation Learning (2017).
 
 Simplified: data sits on the device as one tensor (no DataLoader); no logging framework, no
 learning-rate schedule, no early stopping; the decoder's last Linear yields logits and the
@@ -25,6 +26,7 @@ reconstruction loss is computed from them (same value as BCE on the sigmoid, mor
 Depends on torch only.
 """
 
+import functools
 import math
 import os
 import tempfile
@@ -49,7 +51,13 @@ DENOISING_STD = 0.5
 KL_BETA = {"vae": 1.0, "beta_vae_strict": 2.0, "beta_vae_loose": 0.5}  # weight of the KL term
 VQ_CODES = 512  # scalar codebook values per latent dimension (companion code)
 VQ_BETA = 1.0  # weight of the commitment loss (article)
-PRINT_EVERY_S = 0.5  # how often fit's progress line is redrawn
+
+# Legend of the shape comments below, e.g. `# (B, H) -> (B, Z)`:
+#   B  batch size
+#   D  pixels per image, 1024: 28x28 MNIST zero-padded to 32x32 (INPUT_DIM)
+#   Z  latent size (latent_dim)
+#   H  encoder output width: Z, or 2Z for the (beta-)VAEs, whose encoder emits (mu, log_sigma)
+#   K  codebook values per latent dimension (vq only, VQ_CODES)
 
 # ---- building blocks
 
@@ -66,10 +74,10 @@ def mlp(widths):
 
 
 def hidden_widths(enc_out):
-    """Encoder hidden widths [D // s**i for i < 3] with s = int((D // enc_out) ** (1/3)) (reference).
+    """Encoder hidden widths [D // s**i for i < 3], s = int((D // enc_out) ** (1/3)) (companion code).
 
     The float cube root is part of the recipe: int(512 ** (1/3)) is 7, not 8, which gives the
-    reference's 1024 -> 146 -> 20 -> 2 at latent 2.
+    companion code's 1024 -> 146 -> 20 -> 2 at latent 2.
     """
     s = int((INPUT_DIM // enc_out) ** (1 / N_LAYERS))
     return [INPUT_DIM // s**i for i in range(N_LAYERS)]
@@ -83,26 +91,29 @@ class Decoder(nn.Module):
         self.layers = mlp(widths)
 
     def logits(self, z):
-        return self.layers(z)
+        return self.layers(z)  # (B, Z) -> (B, D)
 
     def forward(self, z):
-        return torch.sigmoid(self.logits(z))
+        return torch.sigmoid(self.logits(z))  # (B, Z) -> (B, D)
 
 
 def bce(logits, x):
-    """L_r = 1/N sum_i sum_j BCE(x_hat_j^(i), x_j^(i)): summed over pixels, mean over the batch."""
+    """L_r = 1/B sum_i sum_j BCE(x_hat_j^(i), x_j^(i)): summed over pixels, mean over the batch."""
     return F.binary_cross_entropy_with_logits(logits, x, reduction="sum") / x.shape[0]
 
 
 # ---- bottlenecks: h (encoder output) -> z (latent code)
 # forward(h) gives the code; regularised(h) gives (z, weighted penalty, dict of raw penalty parts).
+# takes_noise says whether forward accepts fixed noise as forward(h, eps=...).
 
 
 class Identity(nn.Module):
     """No restriction on the latent space (shallow, vanilla, stacked, denoising)."""
 
+    takes_noise = False
+
     def forward(self, h):
-        return h
+        return h  # (B, H) -> (B, Z), H = Z
 
     def regularised(self, h):
         return h, 0.0, {}
@@ -119,7 +130,8 @@ class Sparse(Identity):
         self.p, self.beta = p, beta
 
     def forward(self, h):
-        return torch.sigmoid(h)  # z = sigma(enc(x)), read as a probability of being active
+        # z = sigmoid(h), read as a probability of being active
+        return torch.sigmoid(h)  # (B, H) -> (B, Z), H = Z
 
     def regularised(self, h):
         z = self(h)
@@ -131,20 +143,25 @@ class Sparse(Identity):
 
 
 class Variational(Identity):
-    """h = (mu, log_sigma); z = mu + sigma * eps, in evaluation too (as the reference did)."""
+    """h = (mu, log_sigma); z = mu + sigma * eps, in evaluation too (as the companion code did).
+
+    forward(h, eps=None) takes fixed noise eps of shape (B, Z); None draws fresh N(0, I) noise.
+    """
+
+    takes_noise = True
 
     def __init__(self, beta=1.0):
         super().__init__()
         self.beta = beta
 
     def forward(self, h, eps=None):
-        mu, log_sigma = h.chunk(2, dim=1)  # (B, 2Z) -> 2 x (B, Z)
+        mu, log_sigma = h.chunk(2, dim=1)  # (B, H) -> 2 x (B, Z), H = 2Z
         if eps is None:
             eps = torch.randn_like(mu)
-        return mu + torch.exp(log_sigma) * eps  # reparametrize: z = mu + sigma * eps
+        return mu + torch.exp(log_sigma) * eps  # reparametrise: z = mu + sigma * eps, (B, Z)
 
     def mean(self, h):
-        return h.chunk(2, dim=1)[0]
+        return h.chunk(2, dim=1)[0]  # mu, (B, 2Z) -> (B, Z)
 
     def regularised(self, h):
         z = self(h)
@@ -163,7 +180,7 @@ class VectorQuantised(Identity):
     def __init__(self, latent_dim, n_codes=VQ_CODES, beta=VQ_BETA):
         super().__init__()
         self.beta = beta
-        # one scalar codebook per latent dimension, initialised U(-1/K, 1/K)
+        # one scalar codebook per latent dimension, (Z, K), initialised U(-1/K, 1/K)
         self.codebook = nn.Parameter(torch.empty(latent_dim, n_codes).uniform_(-1 / n_codes, 1 / n_codes))
 
     def quantise(self, h):
@@ -173,7 +190,7 @@ class VectorQuantised(Identity):
         return self.codebook[dims, idx]  # (B, Z), differentiable w.r.t. the codebook
 
     def forward(self, h):
-        return self.straight_through(h, self.quantise(h))
+        return self.straight_through(h, self.quantise(h))  # (B, H) -> (B, Z), H = Z
 
     @staticmethod
     def straight_through(h, q):
@@ -182,9 +199,9 @@ class VectorQuantised(Identity):
 
     def regularised(self, h):
         q = self.quantise(h)
-        # L_vq = 1/N sum_i sum_j (sg(z) - z_hat)^2: moves the codebook towards the encoder
+        # L_vq = 1/B sum_i sum_j (sg(z) - z_hat)^2: moves the codebook towards the encoder
         vq = ((h.detach() - q) ** 2).sum() / h.shape[0]
-        # L_c = 1/N sum_i sum_j (z - sg(z_hat))^2: commits the encoder to the codebook
+        # L_c = 1/B sum_i sum_j (z - sg(z_hat))^2: commits the encoder to the codebook
         commitment = ((h - q.detach()) ** 2).sum() / h.shape[0]
         parts = {"vq": vq.detach(), "commitment": commitment.detach()}
         return self.straight_through(h, q), vq + self.beta * commitment, parts
@@ -209,10 +226,10 @@ class Autoencoder(nn.Module):
     def _hidden(self, x):
         if self.training and self.noise_std:
             x = (x + self.noise_std * torch.randn_like(x)).clamp(0, 1)  # x' = clip(x + N(0, std^2))
-        return self.encoder(x)
+        return self.encoder(x)  # (B, D) -> (B, H)
 
     def _logits(self, z):
-        return self.decoder.logits(z)
+        return self.decoder.logits(z)  # (B, Z) -> (B, D)
 
     def stages(self, epochs):
         """The training schedule: [(stage, epochs)]; one stage (None) for end-to-end training."""
@@ -223,24 +240,25 @@ class Autoencoder(nn.Module):
 
     # -- the public interface
     def forward(self, x):
-        return torch.sigmoid(self._logits(self.encode(x)))
+        return torch.sigmoid(self._logits(self.encode(x)))  # (B, D) -> (B, D) probabilities
 
     def encode(self, x, sample=True):
-        h = self._hidden(x)
-        return self.bottleneck(h) if sample else self.bottleneck.mean(h)
+        """The code z; sample=False gives the VAEs' mean mu instead of a sample."""
+        h = self._hidden(x)  # (B, D) -> (B, H)
+        return self.bottleneck(h) if sample else self.bottleneck.mean(h)  # (B, H) -> (B, Z)
 
     def decode(self, z):
-        return self.decoder(z)
+        return self.decoder(z)  # (B, Z) -> (B, D) probabilities
 
     def loss(self, x):
         """(total, parts): total = recon + weighted penalties; parts are the raw, detached terms."""
-        z, penalty, parts = self.bottleneck.regularised(self._hidden(x))
-        recon = bce(self._logits(z), x)
+        z, penalty, parts = self.bottleneck.regularised(self._hidden(x))  # (B, D) -> (B, H) -> (B, Z)
+        recon = bce(self._logits(z), x)  # (B, Z) -> (B, D) logits -> scalar
         return recon + penalty, {"recon": recon.detach(), **parts}
 
     @torch.no_grad()
     def sample(self, n):
-        """n unconditional draws decoded to (n, 1024) probabilities; None if not generative."""
+        """n unconditional draws decoded to (n, D) probabilities; None if not generative."""
         if not hasattr(self.bottleneck, "prior"):
             return None
         device = next(self.parameters()).device
@@ -261,14 +279,14 @@ class Stacked(Autoencoder):
 
     def _hidden(self, x):
         k = self.stage or N_LAYERS
-        return self.encoder[:k](x)
+        return self.encoder[:k](x)  # (B, D) -> (B, width of encoder layer k)
 
     def _logits(self, z):
         k = self.stage or N_LAYERS
-        return self.decoder.layers[N_LAYERS - k:](z)
+        return self.decoder.layers[N_LAYERS - k:](z)  # (B, width of encoder layer k) -> (B, D)
 
     def stages(self, epochs):
-        """epochs // 3 per stage (reference); a remainder goes to the last stage.
+        """epochs // 3 per stage (companion code); a remainder goes to the last stage.
 
         Every stage gets at least one epoch, so below 3 epochs the stacked model trains 3: with
         an empty stage the layers of that stage would stay at their random initialisation.
@@ -286,7 +304,8 @@ class Stacked(Autoencoder):
     def set_stage(self, stage):
         self.stage = stage
         for layer in list(self.encoder) + list(self.decoder.layers):
-            trainable = stage is None or layer is self.encoder[stage - 1] or layer is self.decoder.layers[N_LAYERS - stage]
+            trainable = (stage is None or layer is self.encoder[stage - 1]
+                         or layer is self.decoder.layers[N_LAYERS - stage])
             layer.requires_grad_(trainable)
         self.train(self.training)
 
@@ -301,7 +320,7 @@ def build(name, latent_dim=20):
     """A fresh, untrained contestant. Seed with set_seed first for reproducible weights."""
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
-    enc_out = 2 * latent_dim if name in KL_BETA else latent_dim  # (beta-)VAEs encode (mu, log_sigma)
+    enc_out = 2 * latent_dim if name in KL_BETA else latent_dim  # H: (beta-)VAEs encode (mu, log_sigma)
     if not isinstance(latent_dim, int) or latent_dim < 1 or enc_out > INPUT_DIM:
         raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // 2}, got {latent_dim!r}")
     if name == "shallow":
@@ -330,32 +349,25 @@ def build(name, latent_dim=20):
 def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, device=None, progress=True):
     """Train with Adam on shuffled mini-batches; validation loss after every epoch.
 
-    train_x, val_x: float (N, 1024) in [0, 1], tensors or arrays; they are moved to `device`
-    (default: the model's device) once. `progress`: True draws one updating line, False is silent,
-    a callable gets {epoch, epochs, stage, train_loss, val_loss, samples_per_s, seconds} after
-    each epoch (seconds: wall time since fit began). Returns {"train_loss": [...], "val_loss":
-    [...], "stage": [...], "seconds": total}; leaves the model in eval mode.
+    train_x, val_x: float (N, D) in [0, 1], tensors or arrays, moved once to `device` (default:
+    the model's). `progress`: a callable gets {epoch, epochs, stage, train_loss, val_loss,
+    samples_per_s, seconds} after each epoch (seconds since fit began); True: print_progress;
+    False/None: silent. Returns {"train_loss", "val_loss", "stage": lists, "seconds": total};
+    leaves the model in eval mode. A loss that is not finite stops it with a FloatingPointError.
     """
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    train_x, val_x = _as_pixels(train_x, "train_x", device), _as_pixels(val_x, "val_x", device)
-    if not isinstance(epochs, int) or epochs < 1 or not isinstance(batch_size, int) or batch_size < 2:
-        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs!r}, batch_size={batch_size!r}")
-    # BatchNorm cannot train on a batch of one, so a last batch of one sample is dropped
-    n = len(train_x) - (len(train_x) % batch_size == 1)
+    device, train_x, val_x = _checked_inputs(model, train_x, val_x, epochs, batch_size, device)
+    progress = _progress_callback(progress, model.name)
+    n = len(train_x) - (len(train_x) % batch_size == 1)  # BatchNorm cannot train on a batch of one
     set_seed(seed)  # noise of the denoising model and the VAEs
     order_rng = torch.Generator().manual_seed(seed)  # the shuffling order, independent of the noise
     model.to(device)
-    draw = progress is True
-    history = {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
-    start = last_draw = time.perf_counter()
-    epoch = 0
-    schedule = model.stages(epochs)
+    schedule = model.stages(epochs)  # [(stage, epochs)]; stacked: 3 stages
     epochs = sum(stage_epochs for _, stage_epochs in schedule)  # stacked trains >= 1 epoch per stage
+    history = {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
+    start, epoch = time.perf_counter(), 0
     for stage, stage_epochs in schedule:
         model.set_stage(stage)
-        # fused: one pass over the weights per step instead of several (CPU and CUDA have the kernel)
-        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
-                                     fused=device.type in ("cpu", "cuda"))
+        optimizer = _adam(model, lr, device)  # a fresh Adam per stage, on the trainable layers only
         for _ in range(stage_epochs):
             epoch += 1
             model.train()
@@ -363,42 +375,21 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
             order = torch.randperm(len(train_x), generator=order_rng).to(device)
             loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per batch
             for i in range(0, n, batch_size):
-                x = train_x.index_select(0, order[i:i + batch_size])  # (B, 1024), a copy
+                x = train_x.index_select(0, order[i:i + batch_size])  # (B, D), a copy
                 optimizer.zero_grad()
                 loss, _ = model.loss(x)
                 loss.backward()
                 optimizer.step()
                 loss_sum += loss.detach() * len(x)
-                if draw and time.perf_counter() - last_draw > PRINT_EVERY_S:
-                    seen = i + len(x)
-                    train_loss = _finite(loss_sum.item() / seen, model, epoch, "training")
-                    done = (epoch - 1 + seen / n) / epochs
-                    elapsed = time.perf_counter() - start
-                    rate = seen / (time.perf_counter() - epoch_start)
-                    _draw(f"{model.name} epoch {epoch}/{epochs} [{seen}/{n}] train {train_loss:.2f} "
-                          f"{rate:,.0f} samples/s ETA {_clock(elapsed / done - elapsed)}")
-                    last_draw = time.perf_counter()
             train_loss = _finite(loss_sum.item() / n, model, epoch, "training")
             samples_per_s = n / (time.perf_counter() - epoch_start)
             val_loss = _finite(evaluate(model, val_x, batch_size)["loss"], model, epoch, "validation")
-            history["train_loss"].append(train_loss)
-            history["val_loss"].append(val_loss)
-            history["stage"].append(stage)
-            elapsed = time.perf_counter() - start
-            report = {"epoch": epoch, "epochs": epochs, "stage": stage, "train_loss": train_loss,
-                      "val_loss": val_loss, "samples_per_s": samples_per_s, "seconds": elapsed}
-            if callable(progress):
-                progress(report)
-            elif draw:
-                _draw(f"{model.name} epoch {epoch}/{epochs} train {train_loss:.2f} val {val_loss:.2f} "
-                      f"{samples_per_s:,.0f} samples/s ETA {_clock(elapsed / epoch * (epochs - epoch))}")
-                last_draw = time.perf_counter()
-    model.set_stage(None)
+            _end_epoch(history, progress, {
+                "epoch": epoch, "epochs": epochs, "stage": stage, "train_loss": train_loss,
+                "val_loss": val_loss, "samples_per_s": samples_per_s, "seconds": time.perf_counter() - start})
+    model.set_stage(None)  # every layer trainable again (stacked)
     model.eval()
     history["seconds"] = time.perf_counter() - start
-    if draw:
-        print(f"\r{model.name}: {epochs} epochs in {_clock(history['seconds'])}, "
-              f"val loss {history['val_loss'][-1]:.2f}\033[K", flush=True)
     return history
 
 
@@ -415,6 +406,14 @@ def evaluate(model, x, batch_size=256):
             sums[key] = sums.get(key, 0.0) + value * len(batch)
     model.train(was_training)
     return {key: float(value) / len(x) for key, value in sums.items()}
+
+
+def print_progress(report, name=""):
+    """fit's default progress: one line per epoch, with the time so far and the time left."""
+    epoch, epochs, seconds = report["epoch"], report["epochs"], report["seconds"]
+    eta = seconds / epoch * (epochs - epoch)  # as fast as the epochs so far
+    print(f"{name} epoch {epoch}/{epochs} train {report['train_loss']:.2f} val {report['val_loss']:.2f} "
+          f"{report['samples_per_s']:,.0f} samples/s {_clock(seconds)} ETA {_clock(eta)}", flush=True)
 
 
 # ---- helpers
@@ -454,6 +453,7 @@ def save(model, path, meta=None):
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
+    # write a temporary file, then rename: an interrupted save never leaves half a checkpoint
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -479,6 +479,16 @@ def load(path, device=None):
     return model.eval(), payload["meta"]
 
 
+def _checked_inputs(model, train_x, val_x, epochs, batch_size, device):
+    """fit's argument checks: (device, train_x, val_x), the pixels as float32 tensors on device."""
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    train_x, val_x = _as_pixels(train_x, "train_x", device), _as_pixels(val_x, "val_x", device)
+    if not isinstance(epochs, int) or epochs < 1 or not isinstance(batch_size, int) or batch_size < 2:
+        raise ValueError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs!r}, "
+                         f"batch_size={batch_size!r}")
+    return device, train_x, val_x
+
+
 def _as_pixels(x, what, device):
     x = torch.as_tensor(x, dtype=torch.float32)
     if x.ndim != 2 or x.shape[1] != INPUT_DIM or len(x) < 2:
@@ -489,7 +499,29 @@ def _as_pixels(x, what, device):
     return x.to(device)
 
 
+def _progress_callback(progress, name):
+    """fit's `progress` argument as a function of the epoch report, or None for silence."""
+    if progress is True:
+        return functools.partial(print_progress, name=name)
+    return progress if callable(progress) else None
+
+
+def _end_epoch(history, progress, report):
+    """Append the epoch's losses and stage to fit's history and show the report."""
+    for key in ("train_loss", "val_loss", "stage"):
+        history[key].append(report[key])
+    if progress:
+        progress(report)
+
+
+def _adam(model, lr, device):
+    # fused: one pass over the weights per step instead of several (CPU and CUDA have the kernel)
+    return torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr,
+                            fused=device.type in ("cpu", "cuda"))
+
+
 def _finite(value, model, epoch, what):
+    """value, or a FloatingPointError that says which model diverged, when, and what to try."""
     if not math.isfinite(value):
         raise FloatingPointError(f"{model.name}: {what} loss became {value} in epoch {epoch}; "
                                  f"lower the learning rate or check the input data")
@@ -508,10 +540,6 @@ def _check_plain(value, where):
     elif not (value is None or isinstance(value, (str, int, float, bool))):
         raise ValueError(f"{where} is a {type(value).__name__}; save only str, int, float, bool, None, "
                          f"lists and dicts (convert with float() or .tolist())")
-
-
-def _draw(line):
-    print(f"\r{line}\033[K", end="", flush=True)
 
 
 def _clock(seconds):

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import ae
 import mnist
@@ -663,6 +664,73 @@ def test_fit_single_leftover_sample_is_dropped():
     assert math.isfinite(history["train_loss"][0])
 
 
+def _warm_batchnorm(model, seed=5):
+    """A few training-mode forwards so BatchNorm's running statistics are not the defaults."""
+    model.train()
+    with torch.no_grad():
+        for i in range(3):
+            model(_pixels(16, seed=seed + i))
+
+
+# ---- ae.fit: exactly zero_grad, loss, backward, Adam step over the seeded order
+
+def _hand_fit(model, train_x, val_x, epochs, batch_size, lr, seed):
+    """fit written out with plain torch: the reference loop."""
+    torch.manual_seed(seed)                                   # model noise (denoising, VAEs)
+    order_gen = torch.Generator().manual_seed(seed)           # shuffling order
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr, fused=True)
+    for _ in range(epochs):
+        model.train()
+        order = torch.randperm(len(train_x), generator=order_gen)
+        batches = list(order.split(batch_size))
+        if len(batches[-1]) == 1:                             # BatchNorm needs two samples
+            batches.pop()
+        for idx in batches:
+            opt.zero_grad()
+            loss, _ = model.loss(train_x[idx])
+            loss.backward()
+            opt.step()
+        model.eval()
+        with torch.no_grad():                                 # validation loss (draws VAE noise)
+            for i in range(0, len(val_x), batch_size):
+                model.loss(val_x[i:i + batch_size])
+    model.eval()
+
+
+@pytest.mark.parametrize("name", ["denoising", "vae"])
+def test_fit_matches_hand_written_adam_loop_step_for_step(name):
+    train_x, val_x = _pixels(17, seed=1), _pixels(5, seed=2)    # batches of 8, 8 and a dropped 1
+    a, b = _build(name, 2, seed=3), _build(name, 2, seed=3)
+    assert _same(_snapshot(a), _snapshot(b))
+    ae.fit(a, train_x, val_x, epochs=2, batch_size=8, lr=1e-2, seed=11, progress=False)
+    _hand_fit(b, train_x, val_x, epochs=2, batch_size=8, lr=1e-2, seed=11)
+    sa, sb = _snapshot(a), _snapshot(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    assert not _same(sa, _snapshot(_build(name, 2, seed=3)))      # it did train
+    assert not a.training
+
+
+# ---- ae.evaluate: eval mode, leaves state and mode as they were
+
+@pytest.mark.parametrize("training", [True, False])
+def test_evaluate_in_eval_mode_restores_mode_and_state(training):
+    model = _build("denoising", 2)
+    _warm_batchnorm(model)
+    x = _pixels(10, seed=4)
+    model.eval()
+    with torch.no_grad():
+        want = ae.bce(model.decoder.logits(model.encode(x)), x).item()   # clean input, running stats
+    model.train(training)
+    before = _snapshot(model)
+    for batch_size in (10, 4, 3):
+        got = ae.evaluate(model, x, batch_size)
+        assert got["loss"] == pytest.approx(want, rel=1e-5)
+        assert model.training == training
+        assert _same(before, _snapshot(model))
+
+
 # ---- stacked
 
 
@@ -737,7 +805,6 @@ def test_model_pick_device(capsys):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="no CUDA"):
             ae.pick_device("cuda")
-
 
 
 # ================================================================================================
@@ -913,9 +980,8 @@ def test_umap_bad_trustworthiness_input_raises():
         umap_lite.knn(x, 20)
 
 
-
 # ================================================================================================
-# ---- tasks.py and run.py: metrics, probes, figures, the whole pipeline
+# ---- tasks.py: metrics, probes, model tasks, figures
 # ================================================================================================
 
 def _pairwise_auc(labels, scores):
@@ -1137,7 +1203,355 @@ def test_sample_quality_numbers():
     assert pq["third_class"] and pq["classes_passed"] == [3]
 
 
-# ---- run.py end to end on tiny synthetic IDX data
+# ---- converged probe: the validation set chooses, the test set only measures
+
+WEAK, STRONG = 1e-4, 10.0
+
+
+def _probe_train(seed=0):
+    """1-D codes: 30 of class 0 near -1, 10 of class 1 near +1 (plus a noise feature).
+
+    The weak penalty separates the classes at about 0; the strong one shrinks the feature weight
+    to almost nothing, so the unpenalised bias predicts the majority class 0 everywhere.
+    """
+    rng = np.random.default_rng(seed)
+    y = np.r_[np.zeros(30, int), np.ones(10, int)]
+    z = np.c_[np.where(y == 1, 1.0, -1.0) + 0.2 * rng.normal(size=40), 0.1 * rng.normal(size=40)]
+    return z, y
+
+
+def _points(centre, n, seed):
+    rng = np.random.default_rng(seed)
+    return np.c_[centre + 0.1 * rng.normal(size=n), 0.1 * rng.normal(size=n)]
+
+
+def _per_lambda(z_tr, y_tr, z_va, y_va, sets, grid):
+    """{lam: [accuracy on each (z, y) of sets]} of a probe fitted with that one lambda."""
+    out = {}
+    for lam in grid:
+        acc = tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=[lam])
+        out[lam] = [acc(z, y) for z, y in sets]
+    return out
+
+
+# direction A: validation prefers the strong penalty, the test set the weak one; B: the reverse
+_DIRECTIONS = {
+    "val_prefers_strong": dict(val=[(1.0, 6, 0)], test=[(1.0, 5, 1), (-1.0, 5, 0)]),
+    "val_prefers_weak": dict(val=[(1.0, 6, 1)], test=[(1.0, 6, 0), (-1.0, 4, 0)]),
+}
+
+
+def _make_sets(spec):
+    out = {}
+    for part, seed in (("val", 10), ("test", 20)):
+        zs, ys = [], []
+        for j, (centre, n, label) in enumerate(spec[part]):
+            zs.append(_points(centre, n, seed + j))
+            ys.append(np.full(n, label))
+        out[part] = (np.concatenate(zs), np.concatenate(ys))
+    return out["val"], out["test"]
+
+
+@pytest.mark.parametrize("direction", sorted(_DIRECTIONS))
+def test_linear_probe_lambda_is_chosen_on_validation_not_test(direction):
+    z_tr, y_tr = _probe_train()
+    (z_va, y_va), (z_te, y_te) = _make_sets(_DIRECTIONS[direction])
+    grid = [WEAK, 1e-1, STRONG]
+    acc = _per_lambda(z_tr, y_tr, z_va, y_va, [(z_va, y_va), (z_te, y_te)], grid)
+    # validation's choice: best validation accuracy, ties to the stronger penalty
+    by_val = max(grid, key=lambda lam: (acc[lam][0], lam))
+    by_test = max(grid, key=lambda lam: (acc[lam][1], lam))
+    # precondition: the two sets disagree, so picking with the test set would show
+    assert by_val != by_test and acc[by_val][1] < acc[by_test][1]
+    got = tasks.linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te, l2_grid=grid)
+    assert got == pytest.approx(acc[by_val][1], abs=1e-12)
+
+
+def test_linear_probe_validation_tie_goes_to_stronger_penalty():
+    z_tr, y_tr = _probe_train()
+    z_va = np.r_[_points(1.0, 1, 30), _points(1.0, 1, 31)]
+    y_va = np.array([0, 1])     # strong predicts 0, 0 and weak 1, 1: 1/2 each
+    z_te = np.r_[_points(1.0, 5, 32), _points(-1.0, 5, 33)]
+    y_te = np.r_[np.ones(5, int), np.zeros(5, int)]
+    acc = _per_lambda(z_tr, y_tr, z_va, y_va, [(z_va, y_va), (z_te, y_te)], [WEAK, STRONG])
+    assert acc[WEAK][0] == acc[STRONG][0]                    # precondition: a validation tie
+    assert acc[WEAK][1] != acc[STRONG][1]                    # ... that the test accuracy can tell
+    for grid in ([WEAK, STRONG], [STRONG, WEAK]):            # the grid's order must not matter
+        got = tasks.linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te, l2_grid=grid)
+        assert got == pytest.approx(acc[STRONG][1], abs=1e-12)
+
+
+def _row_predictions(accuracy, z):
+    """The class predicted for each row, read off an accuracy(z, y) function one row at a time."""
+    preds = []
+    for row in z:
+        hits = [c for c in range(tasks.N_CLASSES) if accuracy(row[None], [c]) == 1.0]
+        assert len(hits) == 1     # one model, one prediction per row
+        preds.append(hits[0])
+    return np.array(preds)
+
+
+def test_linear_probe_predictions_on_test_do_not_depend_on_y_test():
+    z_tr, y_tr = _probe_train()
+    # validation prefers the strong penalty; a test set larger than it, that the weak one fits
+    (z_va, y_va), (z_te, y_te) = _make_sets(dict(val=[(1.0, 6, 0)], test=[(1.0, 15, 1), (-1.0, 15, 0)]))
+    grid = [WEAK, STRONG]
+    preds = _row_predictions(tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=grid), z_te)
+    weak_preds = _row_predictions(tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=[WEAK]), z_te)
+    assert not np.array_equal(preds, weak_preds)   # precondition: another model predicts otherwise
+    rng = np.random.default_rng(0)
+    variants = [y_te, weak_preds, np.ones_like(y_te)] + [rng.permutation(y_te) for _ in range(3)]
+    for y in variants:
+        got = tasks.linear_probe(z_tr, y_tr, z_va, y_va, z_te, y, l2_grid=grid)
+        assert got == pytest.approx(np.mean(preds == y), abs=1e-12)
+
+
+def test_fit_probe_standardises_with_training_statistics_only():
+    z_tr, y_tr = _probe_train()
+    # validation far from the training mean, all class 1: only the weak penalty gets them right
+    # once they are standardised with the *training* mean and std
+    (z_va, y_va), (z_te, y_te) = _make_sets(_DIRECTIONS["val_prefers_weak"])
+    grid = [WEAK, STRONG]
+    accuracy = tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=grid)
+    weak = tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=[WEAK])
+    assert accuracy(z_va, y_va) == weak(z_va, y_va) == 1.0
+    assert accuracy(z_te, y_te) == pytest.approx(weak(z_te, y_te), abs=1e-12)
+    # a row's prediction depends on that row only: not on the other rows of its set
+    preds = _row_predictions(accuracy, z_te)
+    assert accuracy(z_te, y_te) == pytest.approx(np.mean(preds == y_te), abs=1e-12)
+    far = np.c_[np.full(7, 50.0), np.full(7, -30.0)]         # shifts the set's mean and std a lot
+    far_preds = _row_predictions(accuracy, far)
+    both = accuracy(np.r_[z_te, far], np.r_[y_te, far_preds])
+    assert both == pytest.approx(np.mean(np.r_[preds == y_te, np.ones(7, bool)]), abs=1e-12)
+    # the fitted model depends on the validation codes only through its choice of lambda:
+    # adding far validation rows that every lambda predicts alike moves nothing here
+    far_labels = _row_predictions(weak, far)
+    assert np.array_equal(far_labels, _row_predictions(
+        tasks.fit_probe(z_tr, y_tr, z_va, y_va, l2_grid=[STRONG]), far))
+    accuracy2 = tasks.fit_probe(z_tr, y_tr, np.r_[z_va, far], np.r_[y_va, far_labels], l2_grid=grid)
+    assert np.array_equal(_row_predictions(accuracy2, z_te), preds)
+
+
+# ---- the article's probe: early stopping reports the best-validation epoch
+
+_OTHER_CLASSES = -100.0    # logits of classes 2..9: never predicted
+
+
+class _ThresholdNet(nn.Module):
+    """Predicts class 1 iff x_0 < theta; trained on x_0 = 10 (class 1), theta climbs by lr a step.
+
+    With a saturated, constant gradient Adam's step is exactly lr * g / |g|, so after epoch e (one
+    batch each) theta = lr * e: its validation accuracy is known in advance.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.theta = nn.Parameter(torch.zeros(()))
+
+    def thresholds(self, epochs, lr):
+        return [lr * e for e in range(epochs + 1)]
+
+    def forward(self, x):
+        d = 10 * (self.theta - x[:, 0])
+        return torch.cat([torch.zeros_like(d)[:, None], d[:, None],
+                          torch.full((len(x), 8), _OTHER_CLASSES)], dim=1)
+
+
+class _RunningMeanNet(nn.Module):
+    """Predicts class 1 iff x_0 < BatchNorm's running mean; only that buffer changes in training.
+
+    Trained on x_0 = 1: with momentum 0.1 the running mean after epoch e is 1 - 0.9^e.
+    Like the article's published baseline, the number depends on running statistics, not weights.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm1d(1, affine=False)
+        self.dummy = nn.Parameter(torch.zeros(()))    # Adam needs something trainable
+
+    def thresholds(self, epochs, lr):
+        return [1 - 0.9 ** e for e in range(epochs + 1)]
+
+    def forward(self, x):
+        d = -10 * self.bn(x[:, :1])[:, 0] + 0 * self.dummy
+        return torch.cat([torch.zeros_like(d)[:, None], d[:, None],
+                          torch.full((len(x), 8), _OTHER_CLASSES)], dim=1)
+
+
+@pytest.mark.parametrize("net_class", [_ThresholdNet, _RunningMeanNet])
+def test_train_classifier_reports_test_accuracy_of_best_validation_epoch(net_class):
+    lr, epochs = 0.1, 20
+    net = net_class()
+    th = net.thresholds(epochs, lr)
+    mid = [(a + b) / 2 for a, b in zip(th[:-1], th[1:])]   # m_i is predicted 1 after epoch e iff i < e
+    x_train = np.c_[np.full(32, 10.0 if net_class is _ThresholdNet else 1.0)]
+    y_train = np.ones(32, int)
+    # validation peaks after epoch 2 and then falls; the test set would prefer epoch 4
+    x_val, y_val = np.c_[mid[1:5]], np.array([1, 0, 0, 0])
+    x_test, y_test = np.c_[mid[:5]], np.array([1, 1, 1, 1, 0])
+
+    def acc_after(e, x, y):
+        pred = np.where(x[:, 0] < th[e], 1, 0)
+        return float(np.mean(pred == y))
+
+    # the protocol by hand: stop after `patience` epochs without a strict improvement
+    best_e, best_val, waited, last_e = None, -1.0, 0, None
+    for e in range(1, epochs + 1):
+        last_e = e
+        if acc_after(e, x_val, y_val) > best_val:
+            best_e, best_val, waited = e, acc_after(e, x_val, y_val), 0
+        else:
+            waited += 1
+            if waited >= tasks.REF_PATIENCE:
+                break
+    assert best_e == 2 and last_e == 5                          # precondition: early peak
+    want = acc_after(best_e, x_test, y_test)
+    assert want != acc_after(last_e, x_test, y_test)           # last epoch would differ
+    assert want != max(acc_after(e, x_test, y_test) for e in range(1, last_e + 1))  # so would test's pick
+    got = tasks.train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=0,
+                                 epochs=epochs, batch_size=32, lr=lr)
+    assert got == pytest.approx(want, abs=1e-12)
+
+
+# ---- k-NN leave-one-out
+
+def _brute_loo_knn(z, y, k):
+    """Leave-one-out k-NN by brute force; a tied vote goes to the tied class nearest first."""
+    d = ((z[:, None] - z[None]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    out = []
+    for i in range(len(z)):
+        neighbours = y[np.argsort(d[i], kind="stable")[:k]]
+        counts = np.bincount(neighbours, minlength=10)
+        out.append(next(c for c in neighbours if counts[c] == counts.max()))
+    return np.array(out)
+
+
+def test_knn_predict_leave_one_out_excludes_self_in_every_block():
+    rng = np.random.default_rng(4)
+    n, block = 40, 7
+    z = rng.normal(size=(n, 3))
+    y = rng.integers(0, 5, n)
+    unique_at = [2, 9, 16, 23, 37]          # blocks 0, 1, 2, 3, 5: one point of a unique class each
+    y[unique_at] = [5, 6, 7, 8, 9]
+    pred = tasks.knn_predict(z, y, z, k=1, exclude_self=True, block=block)
+    for i in unique_at:
+        assert pred[i] != y[i], f"point {i} (block {i // block}) was its own neighbour"
+    for k in (1, 3, 5):
+        got = tasks.knn_predict(z, y, z, k=k, exclude_self=True, block=block)
+        assert np.array_equal(got, _brute_loo_knn(z, y, k)), k
+
+
+# ---- anomaly scores: (summed BCE, signed), both from one reconstruction
+
+def _hand_scores(x_hat, x):
+    x_hat, x = np.asarray(x_hat, np.float64), np.asarray(x, np.float64)
+    correct = -(x * np.log(x_hat) + (1 - x) * np.log(1 - x_hat)).sum(1)
+    signed = (x_hat - x).sum(1)
+    return correct, signed
+
+
+def test_anomaly_scores_are_bce_then_signed_of_the_same_reconstruction():
+    x = np.random.default_rng(0).random((6, 1024)).astype(np.float32)
+    # a deterministic model: the two scores against model(x) by hand, in that order
+    model = _build("vanilla", 2)
+    _warm_batchnorm(model)
+    model.eval()
+    with torch.no_grad():
+        x_hat = model(torch.from_numpy(x)).numpy()
+    correct, signed = _hand_scores(x_hat, x)
+    assert np.abs(correct - signed).min() > 10             # precondition: the two can't be confused
+    got = tasks.anomaly_scores(model.train(), x)            # evaluated in eval mode whatever it was in
+    assert len(got) == 2
+    assert np.allclose(got[0], correct, rtol=1e-5, atol=1e-3)
+    assert np.allclose(got[1], signed, rtol=1e-5, atol=1e-3)
+    # a VAE: one sampled reconstruction must give both scores
+    vae = _build("vae", 2).eval()
+    torch.manual_seed(7)
+    got = tasks.anomaly_scores(vae, x)
+    torch.manual_seed(8)
+    other = tasks.anomaly_scores(vae, x)
+    assert not np.allclose(got[1], other[1], atol=1e-3)      # precondition: samples differ
+    torch.manual_seed(7)
+    with torch.no_grad():
+        x_hat = vae.eval()(torch.from_numpy(x)).numpy()      # the same draw of eps
+    correct, signed = _hand_scores(x_hat, x)
+    assert np.allclose(got[0], correct, rtol=1e-5, atol=1e-3)
+    assert np.allclose(got[1], signed, rtol=1e-5, atol=1e-3)
+
+
+# ---- model tasks evaluate in eval mode, row by row
+
+def _by_hand(what, model, x):
+    model.eval()
+    with torch.no_grad():
+        if what == "per_image_bce":
+            p = model(x).double()
+            xd = x.double()
+            return (-(xd * torch.log(p) + (1 - xd) * torch.log(1 - p)).sum(1)).numpy()
+        if what == "encode":
+            return model.encode(x).numpy()
+        return model(x).numpy()
+
+
+@pytest.mark.parametrize("what", ["per_image_bce", "encode", "reconstruct"])
+def test_model_tasks_use_eval_mode_and_ignore_batch_composition(what):
+    model = _build("denoising", 2)        # training mode: input noise and BatchNorm batch statistics
+    _warm_batchnorm(model)
+    x = _pixels(12, seed=9)
+    want = _by_hand(what, model, x)
+    fn = getattr(tasks, what)
+    for rows in (slice(None), slice(0, 5), slice(5, 12)):
+        before = _snapshot(model)
+        got = fn(model.train(), x[rows].numpy())
+        assert _same(before, _snapshot(model))          # running statistics untouched
+        assert np.allclose(got, want[rows], rtol=1e-5, atol=1e-4)
+
+
+def test_encode_sample_flag_mu_or_one_seeded_draw():
+    vae = _build("vae", 3)
+    _warm_batchnorm(vae)
+    x = _pixels(9, seed=6)
+    vae.eval()
+    with torch.no_grad():
+        h = vae.encoder(x)                                   # (mu, log_sigma), eval mode
+    mu, sigma = h[:, :3], torch.exp(h[:, 3:])
+    # sample=False: the mean, with no noise at all (the "converged (mu)" probe's features)
+    got_mu = tasks.encode(vae.train(), x.numpy(), sample=False)
+    assert np.allclose(got_mu, mu.numpy(), rtol=1e-5, atol=1e-5)
+    # sample=True: one draw mu + sigma * eps, eps from the global generator the caller seeded
+    torch.manual_seed(3)
+    eps = torch.randn(9, 3)
+    torch.manual_seed(3)
+    got = tasks.encode(vae.train(), x.numpy(), sample=True)
+    assert np.allclose(got, (mu + sigma * eps).numpy(), rtol=1e-5, atol=1e-5)
+    assert not np.allclose(got, got_mu, atol=1e-2)          # precondition: the draw is not the mean
+
+
+# ---- label budgets: exact counts, the seed alone decides
+
+def test_label_budget_indices_exact_per_class_and_only_seed_decides():
+    rng = np.random.default_rng(0)
+    labels = rng.permutation(np.repeat(np.arange(10), np.arange(5, 15)))   # 5..14 of each class
+    per_class = 4
+    draws = []
+    for global_seed in (0, 1):
+        np.random.seed(global_seed)         # the global generators must not matter
+        torch.manual_seed(global_seed)
+        np.random.random(global_seed + 3)
+        draws.append(tasks.label_budget_indices(labels, per_class, seed=42))
+    idx = draws[0]
+    assert np.array_equal(draws[0], draws[1])
+    assert len(np.unique(idx)) == len(idx) == 10 * per_class
+    assert np.array_equal(np.bincount(labels[idx], minlength=10), np.full(10, per_class))
+    assert np.array_equal(idx, np.sort(idx))
+    others = {tuple(tasks.label_budget_indices(labels, per_class, seed=s)) for s in range(43, 48)}
+    assert tuple(idx) not in others and len(others) > 1
+
+
+# ================================================================================================
+# ---- run.py: the pipeline end to end on tiny synthetic IDX data, its protocol, parallel training
+# ================================================================================================
 
 def _idx(array):
     header = bytes([0, 0, 8, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
@@ -1167,9 +1581,10 @@ def tiny_data(tmp_path_factory):
 
 def _run_args(data, out, *extra):
     return ["--data-dir", str(data), "--no-download", "--out", str(out), "--epochs", "1",
-            "--models", "vanilla,vae", "--quick", *extra]
+            "--models", "vanilla,vae", "--quick", "--jobs", "1", *extra]
 
 
+@pytest.mark.slow
 def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys):
     from PIL import Image
     run.main(_run_args(tiny_data, tmp_path))
@@ -1193,6 +1608,7 @@ def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys):
     assert "reused checkpoint" not in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys):
     real_fit, calls = ae.fit, []
 
@@ -1227,6 +1643,7 @@ def test_run_bad_arguments_one_line(argv, match, capsys):
     assert match in message and "\n" not in message
 
 
+@pytest.mark.slow
 def test_run_missing_data_no_download_exits_cleanly(tmp_path):
     proc = subprocess.run([sys.executable, "run.py", "--data-dir", str(tmp_path), "--no-download",
                            "--out", str(tmp_path / "out")], capture_output=True, text=True,
@@ -1234,3 +1651,230 @@ def test_run_missing_data_no_download_exits_cleanly(tmp_path):
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and str(tmp_path) in proc.stderr
+
+
+# ---- run.py: the protocol (which data and which model state each number comes from)
+
+def _tiny_run_data(tiny_data, *extra):
+    args = run.parse_args(["--data-dir", str(tiny_data), "--no-download", "--epochs", "1", *extra])
+    return args, run.load_data(args)
+
+
+@pytest.mark.slow
+def test_run_trainings_see_only_training_images_and_anomaly_runs_lack_their_class(
+        tiny_data, tmp_path, monkeypatch):
+    real_fit, seen = ae.fit, []
+
+    def spy(model, train_x, *args, **kwargs):
+        seen.append((model.latent_dim, np.asarray(train_x)))
+        return real_fit(model, train_x, *args, **kwargs)
+
+    monkeypatch.setattr(ae, "fit", spy)
+    run.main(_run_args(tiny_data, tmp_path, "--models", "shallow", "--anomaly-digits", "1,3"))
+    _, data = _tiny_run_data(tiny_data, "--quick")
+    row_index = {row.tobytes(): i for i, row in enumerate(data["x_all"])}
+    train = set(data["train_idx"].tolist())
+    missing_per_anomaly_run = []
+    for latent, x in seen:
+        idx = [row_index[row.tobytes()] for row in x]
+        assert set(idx) <= train                    # no validation image ever trains
+        digits = set(data["y_all"][idx].tolist())
+        if latent == run.LATENT:
+            assert digits == set(range(10))
+        else:
+            missing_per_anomaly_run.append(set(range(10)) - digits)
+    assert sorted(map(sorted, missing_per_anomaly_run)) == [[1], [3]]   # each lacks its own class
+
+
+def _spy_probes(monkeypatch, real):
+    """Record the training and validation inputs of every probe fit; returns the list of calls."""
+    calls = []
+    for fn in ("linear_probe", "train_classifier"):
+        def spy(*args, _fn=fn, **kwargs):
+            calls.append((_fn, args[1:5] if _fn == "train_classifier" else args[:4]))
+            return real[_fn](*args, **kwargs)
+
+        monkeypatch.setattr(tasks, fn, spy)
+    return calls
+
+
+def test_run_test_labels_choose_nothing(tiny_data, monkeypatch):
+    # The probes' training and validation inputs (which pick the L2 strength and the early-stopping
+    # epoch) must be the same whatever the test labels are, and must not be the test images.
+    args, data = _tiny_run_data(tiny_data, "--quick")
+    torch.manual_seed(0)
+    models = {"vanilla": ae.build("vanilla", 20).eval(), "vae": ae.build("vae", 20).eval()}
+    runs, real = [], {"linear_probe": tasks.linear_probe, "train_classifier": tasks.train_classifier}
+    for y_test in (data["y_test"], np.random.default_rng(1).permutation(data["y_test"])):
+        calls = _spy_probes(monkeypatch, real)
+        shuffled = {**data, "y_test": y_test}
+        run.task_classification(models, shuffled, 42, quick=True)
+        run.task_baselines(shuffled, 42, torch.device("cpu"))
+        runs.append(calls)
+    assert len(runs[0]) == len(runs[1]) > 0
+    for (fn, inputs), (_, inputs_shuffled) in zip(*runs):
+        for a, b in zip(inputs, inputs_shuffled):
+            np.testing.assert_array_equal(a, b)
+        assert len(inputs[3]) == len(data["val_idx"]) != len(data["y_test"])
+        np.testing.assert_array_equal(inputs[3], data["y_all"][data["val_idx"]])
+
+
+def test_run_baselines_as_published_trains_head_only_with_batchnorm_in_training_mode(tiny_data, monkeypatch):
+    args, data = _tiny_run_data(tiny_data, "--quick")
+    nets = []
+    real = tasks.train_classifier
+    monkeypatch.setattr(tasks, "train_classifier",
+                        lambda net, *a, **k: nets.append((net, copy_state(net))) or real(net, *a, **k))
+    run.task_baselines(data, 42, torch.device("cpu"))
+    (published, before), (scratch, before_scratch), (frozen, before_frozen) = nets
+    changed = lambda net, before: {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
+    # as published: encoder weights fixed, BatchNorm statistics moved (training mode), head trained
+    moved = changed(published, before)
+    assert not any(k.endswith("weight") and k.startswith("0.") and "running" not in k
+                   and published.state_dict()[k].dim() == 2 for k in moved)
+    assert any("running_mean" in k for k in moved) and any(k.startswith("1.") for k in moved)
+    # from scratch: the encoder's Linear weights train too
+    assert any(k.startswith("0.") and scratch.state_dict()[k].dim() == 2 for k in changed(scratch, before_scratch))
+    # random encoder: nothing of the encoder moves, BatchNorm statistics included
+    assert changed(frozen, before_frozen) <= {"linear.weight", "linear.bias"}
+
+
+def copy_state(net):
+    return {k: v.clone() for k, v in net.state_dict().items()}
+
+
+# ---- run.py: the audit counts seeds
+
+def _metrics(per_seed):
+    return run.summarise(per_seed)
+
+
+def test_audit_verdicts_count_the_seeds():
+    names = list(ae.MODELS)
+    def seed(shallow_bce):
+        return {"reconstruction_bce": {n: (shallow_bce if n == "shallow" else 100.0 + i)
+                                       for i, n in enumerate(names)}}
+    verdict = lambda rows: next(r for r in rows if r[0].startswith("The shallow AE"))
+    for values, expected, count in [((300, 300, 300), "confirmed", "3 of 3"),
+                                    ((300, 50, 300), "depends", "2 of 3"),
+                                    ((50, 50, 50), "not confirmed", "0 of 3")]:
+        row = verdict(run.audit(_metrics([seed(v) for v in values]), names, [1]))
+        assert row[1] == expected and f"holds in {count} seeds" in row[2]
+    one = verdict(run.audit(_metrics([seed(300)]), names, [1]))
+    assert one[1] == "confirmed" and one[2].startswith("one run")
+
+
+def test_published_within_two_std():
+    m = _metrics([{"reconstruction_bce": {"vanilla": v}} for v in (63.0, 65.0, 64.0)])  # mean 64, std 1
+    assert run._within(m, "reconstruction_bce", "vanilla")            # published 63.92
+    m = _metrics([{"reconstruction_bce": {"vanilla": v}} for v in (70.0, 70.2, 70.1)])
+    assert not run._within(m, "reconstruction_bce", "vanilla")
+    assert not run._within(_metrics([{"reconstruction_bce": {"vanilla": 63.92}}]),
+                           "reconstruction_bce", "vanilla")           # one run has no spread
+
+
+# ---- run.py: trainings in parallel worker processes
+
+def test_plan_jobs_one_per_core_by_default(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    cpu = torch.device("cpu")
+    assert run.plan_jobs(None, 18, cpu) == (8, 1)
+    assert run.plan_jobs(None, 3, cpu) == (3, 2)      # fewer trainings left than cores
+    assert run.plan_jobs(4, 18, cpu) == (4, 2)
+    assert run.plan_jobs(1, 18, cpu)[0] == 1
+    assert run.plan_jobs(None, 18, torch.device("mps"))[0] == 1
+
+
+@pytest.mark.slow
+def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_path):
+    models = ["--models", "shallow,vanilla,vae"]
+    args, data = _tiny_run_data(tiny_data, "--quick", "--jobs", "2", *models)
+    jobs = run.training_jobs(args, data, str(tmp_path / "parallel"))
+    parallel, plan = run.train_all(jobs, data, args, torch.device("cpu"))
+    assert plan["jobs"] == 2
+    args1, _ = _tiny_run_data(tiny_data, "--quick", "--jobs", "1", *models)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(plan["threads_per_job"])       # the same thread count as each worker
+    try:
+        alone, _ = run.train_all(run.training_jobs(args1, data, str(tmp_path / "alone")), data, args1,
+                                 torch.device("cpu"))
+    finally:
+        torch.set_num_threads(threads)
+    assert parallel.keys() == alone.keys() and len(alone) == 6
+    for key, (model, meta) in alone.items():
+        other = parallel[key][0].state_dict()
+        for name, tensor in model.state_dict().items():
+            assert torch.equal(tensor, other[name]), (key, name)
+        assert meta["history"]["val_loss"] == parallel[key][1]["history"]["val_loss"]
+
+
+@pytest.mark.slow
+def test_train_all_parallel_failure_stops_with_one_line(tiny_data, tmp_path):
+    args, data = _tiny_run_data(tiny_data, "--quick", "--jobs", "2", "--models", "shallow", "--lr", "1e30")
+    with pytest.raises(SystemExit) as err:
+        run.train_all(run.training_jobs(args, data, str(tmp_path)), data, args, torch.device("cpu"))
+    message = str(err.value.code).strip()
+    assert "\n" not in message and "Traceback" not in message
+    assert message.startswith("run.py: error: shallow") and "loss became nan" in message
+    assert not list((tmp_path / "checkpoints").glob("*.pt")) if (tmp_path / "checkpoints").exists() else True
+
+
+def _children(pid):
+    """PIDs whose parent is pid, from /proc."""
+    kids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                kids.append(int(entry))
+    return kids
+
+
+def _gone(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds worker processes through /proc")
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+def test_run_parallel_killed_stops_workers_and_resumes(tiny_data, tmp_path, how):
+    import signal
+    import time
+    # batches of 2 make each training last seconds, so the workers still have work when run.py dies
+    argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--quick",
+            "--models", "shallow,vanilla", "--epochs", "20", "--batch-size", "2", "--jobs", "2"]
+    proc = subprocess.Popen([sys.executable, "run.py", *argv], cwd=os.path.dirname(run.__file__),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    folder, deadline = tmp_path / "mnist" / "checkpoints", time.time() + 120
+    while not (folder.exists() and list(folder.glob("*.pt"))) and time.time() < deadline:
+        time.sleep(0.05)
+    workers = _children(proc.pid)
+    assert len(workers) >= 2                        # the two training processes (and a tracker)
+    if how == "SIGKILL":
+        proc.kill()
+    else:
+        os.killpg(proc.pid, signal.SIGINT)          # what the terminal does on Ctrl-C
+    stderr = proc.communicate(timeout=60)[1]
+    deadline = time.time() + 2                      # a worker checks on its parent every 0.5 s
+    while not all(_gone(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert all(_gone(w) for w in workers)
+    if how == "Ctrl-C":
+        assert "interrupted" in stderr and "Traceback" not in stderr
+    # every checkpoint left is whole, and a rerun reuses exactly those
+    finished = sorted(str(p) for p in folder.glob("*.pt"))
+    for path in finished:
+        ae.load(path)
+    args, data = _tiny_run_data(tiny_data, *argv[3:])
+    jobs = run.training_jobs(args, data, str(tmp_path / "mnist"))
+    assert 0 < len(finished) < len(jobs)
+    assert sorted(job["path"] for job in jobs if run._finished(job)) == finished
