@@ -22,7 +22,7 @@ References:
     IDX format and MNIST: Y. LeCun, C. Cortes, C. J. C. Burges, http://yann.lecun.com/exdb/mnist/
     Fashion-MNIST: H. Xiao, K. Rasul, R. Vollgraf, 2017, arXiv:1708.07747
     Kuzushiji-MNIST: T. Clanuwat et al., 2018, arXiv:1812.01718
-    Split, padding and probe set: the bake-off protocol (REFERENCE.md, "Data").
+    Split, padding and probe set: PROTOCOL.md, "Data".
 
 Simplified: a flat folder holds one data set (MNIST and Fashion-MNIST share file names, so a folder with
 the wrong set's files loads as that set); no resuming of half-finished downloads; no EMNIST/QMNIST.
@@ -49,7 +49,7 @@ import numpy as np
 
 IMAGE_SIDE = 28     # every MNIST-family image is 28 x 28
 N_CLASSES = 10      # labels are 0-9
-PAD = 2             # zero border that turns 28 x 28 into 32 x 32, i.e. 1024 inputs (REFERENCE.md)
+PAD = 2             # zero border that turns 28 x 28 into 32 x 32, i.e. 1024 inputs (PROTOCOL.md)
 N_VAL = 5000        # the last 5,000 of the seeded permutation of the 60k training images validate
 N_PROBE = 550       # the linear probe learns from the first 550 training indices only
 

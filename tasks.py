@@ -10,13 +10,13 @@ writers, which write atomically (temp file + rename).
 
 Sections:
     metrics        ROC curve, AUROC, average precision, k-NN accuracy, Frechet distance (NumPy)
-    probes         converged multinomial logistic regression (NumPy Newton), the reference
-                   protocol's linear layer (torch), label budgets
+    probes         converged multinomial logistic regression (NumPy Newton), the article's
+                   probe (a linear layer trained with Adam, torch), label budgets
     model tasks    reconstruction error, anomaly scores, interpolation, samples as numbers
     figures        reconstructions, samples, interpolation GIF, latent maps, ROC curves
 
 References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
-Heusel et al. (2017) for the Frechet distance; the protocol is ../shared/spec/REFERENCE.md.
+Heusel et al. (2017) for the Frechet distance; the protocol is PROTOCOL.md.
 Simplified: the probe's Newton solver forms the full Hessian, which is fine for the latent sizes
 here (up to a few hundred weights) but not for raw pixels.
 """
@@ -38,8 +38,8 @@ L2_GRID = np.logspace(-6, 1, 15)   # probe L2 strengths (mean-loss scale); the v
 NEWTON_TOL = 1e-7            # max |gradient| at which the probe counts as converged
 NEWTON_MAX_ITER = 100        # Newton converges in ~10-30 steps here; this only stops pathologies
 BIAS_RIDGE = 1e-8           # pins the softmax's free shift of the bias without penalising it
-REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the reference probe protocol
-INTERP_STEPS = 128           # interior points between the two test images, as the reference did
+REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the article's probe
+INTERP_STEPS = 128           # interior points between the two test images, as the companion code did
 GIF_FRAME_MS, GIF_PAUSE_MS = 40, 800   # ~25 fps along the path, a pause on each real image
 GIF_SCALE = 2                # 32 px digits are too small to see; nearest-neighbour upscaling
 CONFIDENT = 0.9              # "legible": the judge classifier is at least this sure
@@ -116,12 +116,13 @@ def roc_auc(labels, scores):
     -------
     float; NaN (with a RuntimeWarning) when only one class is present.
     """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fpr, tpr, _ = roc_curve(labels, scores)
-    if caught:
-        warnings.warn(str(caught[0].message) + "; AUC is NaN", RuntimeWarning, stacklevel=2)
+    labels, scores = _check_binary(labels, scores)
+    n_pos = int(labels.sum())
+    if n_pos == 0 or n_pos == len(labels):
+        warnings.warn(f"AUC is undefined with only one class present ({n_pos} positives, "
+                      f"{len(labels) - n_pos} negatives); AUC is NaN", RuntimeWarning, stacklevel=2)
         return float("nan")
+    fpr, tpr, _ = roc_curve(labels, scores)
     # trapezoid rule: AUC = sum (fpr_k - fpr_{k-1}) * (tpr_k + tpr_{k-1}) / 2
     return float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
 
@@ -291,13 +292,17 @@ def _newton_logistic(x, y, lam, w0):
         value, grad, p = logistic_objective(x, y, w, lam)
         if np.abs(grad).max() < NEWTON_TOL:
             break
-        # Hessian of the mean cross-entropy: 1/n sum_i (diag(p_i) - p_i p_i^T) kron x_i x_i^T
-        m = (x[:, :, None] * p[:, None, :]).reshape(n, d * k)       # (n, d*k): x_i kron p_i
-        hess = np.zeros((d, k, d, k))
-        diag_k = np.arange(k)
-        # the diag(p_i) part couples weights of the same class only: (d, k, d) -> k blocks (d, d)
-        hess[:, diag_k, :, diag_k] = (m.T @ x / n).reshape(d, k, d).transpose(1, 0, 2)
-        hess = hess.reshape(d * k, d * k) - m.T @ m / n + np.diag(penalty.ravel())
+        # Hessian of the mean cross-entropy, with W flattened row-major (index a*k + c for
+        # feature a, class c):
+        #   d2L / dW[a,c] dW[b,e] = 1/n sum_i x_ia x_ib (p_ic [c == e] - p_ic p_ie)
+        # The second term is M^T M / n with M[i, a*k + c] = x_ia p_ic. The first is non-zero only
+        # for c == e: one (d, d) block per class c, X^T diag(p_:c) X / n, placed on the entries
+        # (a*k + c, b*k + c).
+        m = (x[:, :, None] * p[:, None, :]).reshape(n, d * k)       # (n, d*k): rows x_i kron p_i
+        hess = -m.T @ m / n + np.diag(penalty.ravel())
+        for c in range(k):
+            block = (x * p[:, c:c + 1]).T @ x / n                    # (d, d): X^T diag(p_:c) X / n
+            hess[c::k, c::k] += block
         step = np.linalg.solve(hess, grad.ravel()).reshape(d, k)
         t = 1.0
         while t > 1e-10:   # Armijo backtracking: a full Newton step can overshoot far from the optimum
@@ -325,14 +330,14 @@ def _finite_2d(z, name):
     return z
 
 
-# ---- probes: the reference protocol (a linear layer trained with Adam)
+# ---- probes: the article's probe (a linear layer trained with Adam)
 
 class FrozenEncoderProbe(nn.Module):
     """Linear(latent, 10) on top of a frozen autoencoder's `encode` (bottleneck included).
 
     The autoencoder is kept in a plain list, outside this module's tree, so that `.train()` and
     `.parameters()` never reach it: its weights stay fixed and its BatchNorm stays in eval mode.
-    The variational bottleneck still samples on every call, as in the reference.
+    The variational bottleneck still samples on every call, as in the companion code.
     """
 
     def __init__(self, model, sample=True):
@@ -349,7 +354,7 @@ class FrozenEncoderProbe(nn.Module):
 
 def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=42,
                      epochs=REF_EPOCHS, batch_size=REF_BATCH, lr=REF_LR, patience=REF_PATIENCE):
-    """The reference protocol: Adam on cross-entropy, early stop on validation accuracy.
+    """The article's probe: Adam on cross-entropy, early stop on validation accuracy.
 
     `net` maps images (B, 1024) to logits (B, 10); only its trainable parameters are updated.
     Returns the test accuracy of the epoch with the best validation accuracy.
@@ -444,7 +449,7 @@ def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
     """Decoded images along a straight line between two encoder outputs, (steps + 2, 1024).
 
     The line runs through the pre-bottleneck outputs h (for the VAEs: mu and log_sigma), then
-    each point passes the bottleneck and the decoder, as in the reference. `fixed_noise` draws
+    each point passes the bottleneck and the decoder, as in the companion code. `fixed_noise` draws
     the VAE's eps once for the whole path (the article's suggested fix for the jitter).
     """
     device = _device_of(model)
