@@ -1,7 +1,9 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python bench.py [--data-dir /work/shared/data/mnist] [--only train|umap|all] [--device cpu]
+    python bench.py [--data-dir DIR] [--only train|jobs|umap|all] [--device cpu]
+
+The data is run.py's: data/mnist, downloaded there if missing (--data-dir for local files).
 
 train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images, timed three ways:
   (a) ae.fit as the project runs it (data on the device, index-shuffled batches, validation);
@@ -16,6 +18,13 @@ train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images,
   It prints (a)/(b) (target <= 1.25 on a 2-core CPU), (c)/(a) and (d)/(b), then times vanilla and
   VAE at latent 20 and 2 and extrapolates the full protocol (9 contestants x 2 latent dims x 60
   epochs).
+
+jobs: run.py's parallel trainings. N trainings of vanilla at latent 20 (seeds 42, 43, ...;
+  JOBS_EPOCHS epochs each on the 55,000 training images), N = the cores this process may use:
+  one after the other with every thread (run.py --jobs 1) versus all at once as N one-thread
+  worker processes (the default --jobs), both through run.train_all, worker start-up included.
+  Prints both wall times and their ratio, and the thread scaling of one training (an epoch with
+  1 thread against one with every thread).
 
 umap: umap_lite against umap-learn (optional: pip install umap-learn scikit-learn) on the 20-d
   codes of the 10,000 test images from a vanilla autoencoder trained for 3 epochs:
@@ -48,7 +57,7 @@ import umap_lite
 
 # ---- constants
 
-DATA_DIR = "/work/shared/data/mnist"
+JOBS_EPOCHS = 3  # per training in the jobs section: long enough that worker start-up is small
 BATCH_SIZE = 256
 PAD = 2  # 28x28 -> 32x32
 PROTOCOL_EPOCHS = 60
@@ -57,14 +66,20 @@ REPEATS = 3  # timed epochs per measurement; the median is reported
 # ---- data
 
 
-def load_split(data_dir):
+def load_split(args):
     """uint8 train and validation images (55,000 and 5,000, 28x28), split as the protocol does."""
-    try:
-        train_images = mnist.load("mnist", root=data_dir, download=False)[0]
-    except FileNotFoundError as err:
-        raise SystemExit(f"{err}; pass --data-dir with the four MNIST files") from err
+    train_images = load_mnist(args)[0]
     train_idx, val_idx = mnist.split_indices(run.split_permutation(len(train_images)))
     return train_images[train_idx], train_images[val_idx]
+
+
+def load_mnist(args):
+    """The four MNIST arrays from where run.py keeps them (downloaded if missing), or --data-dir."""
+    try:
+        return mnist.load("mnist", root=args.data_dir or os.path.join("data", "mnist"),
+                          download=not args.no_download)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"bench.py: error: {err}") from err
 
 
 class PaddedMNIST(torch.utils.data.Dataset):
@@ -191,7 +206,7 @@ def epoch_seconds_linears(model, train_x, val_x, device, repeats=REPEATS):
 
 
 def bench_train(args, device):
-    train_images, val_images = load_split(args.data_dir)
+    train_images, val_images = load_split(args)
     train_x = torch.from_numpy(mnist.to_vectors(train_images))
     val_x = torch.from_numpy(mnist.to_vectors(val_images))
     print(f"data: {len(train_x):,} train, {len(val_x):,} validation images; torch threads: {torch.get_num_threads()}")
@@ -219,6 +234,49 @@ def bench_train(args, device):
         print(f"epoch at latent {latent_dim:2d}: vanilla {dense:5.2f} s, vae {variational:5.2f} s")
         total += PROTOCOL_EPOCHS * (6 * dense + 3 * variational)
     print(f"full protocol (18 trainings x {PROTOCOL_EPOCHS} epochs), extrapolated: {total / 60:.1f} min")
+
+
+# ---- jobs
+
+
+def bench_jobs(args, device):
+    cores = run.plan_jobs(None, 10**6, device)[0]
+    n = max(2, cores)
+    argv = ["--models", "vanilla", "--seeds", str(n), "--epochs", str(JOBS_EPOCHS), "--no-download"]
+    argv += ["--data-dir", args.data_dir or os.path.join("data", "mnist")]
+    if args.device:
+        argv += ["--device", args.device]
+    print(f"{n} trainings of vanilla latent 20, {JOBS_EPOCHS} epochs each, {cores} core(s)")
+    threads = torch.get_num_threads()
+    one_s = _threads_epoch(1, device, args)
+    all_s = _threads_epoch(cores, device, args)
+    print(f"one training, one epoch: 1 thread {one_s:.2f} s, {cores} threads {all_s:.2f} s "
+          f"(x{one_s / all_s:.2f} from {cores}x the threads)")
+    torch.set_num_threads(cores)
+    sequential_s = _train_all_seconds(argv + ["--jobs", "1"], device)
+    print(f"one after the other, {cores} threads each (--jobs 1): {sequential_s:7.1f} s")
+    parallel_s = _train_all_seconds(argv + ["--jobs", str(n)], device)
+    print(f"all at once, {n} worker processes (--jobs {n}):        {parallel_s:7.1f} s")
+    print(f"ratio {sequential_s / parallel_s:.2f} (target >= 1.6 on 2 cores)")
+    torch.set_num_threads(threads)
+
+
+def _threads_epoch(threads, device, args):
+    train_images, val_images = load_split(args)
+    torch.set_num_threads(threads)
+    return epoch_seconds_fit("vanilla", 20, torch.from_numpy(mnist.to_vectors(train_images)),
+                             torch.from_numpy(mnist.to_vectors(val_images)), device, epochs=2)
+
+
+def _train_all_seconds(argv, device):
+    """Wall time of run.train_all on the latent-20 jobs of argv, in a fresh output folder."""
+    run_args = run.parse_args(argv)
+    data = run.load_data(run_args)
+    with tempfile.TemporaryDirectory() as out:
+        jobs = [j for j in run.training_jobs(run_args, data, out) if j["settings"]["latent_dim"] == 20]
+        start = time.perf_counter()
+        run.train_all(jobs, data, run_args, device)
+        return time.perf_counter() - start
 
 
 # ---- umap
@@ -260,7 +318,7 @@ def bench_umap(args, device=None):
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    train_codes, test_codes, labels = _umap_codes(args.data_dir, device)
+    train_codes, test_codes, labels = _umap_codes(args, device)
     print(f"codes: {len(test_codes):,} x {test_codes.shape[1]} (MNIST test) from a vanilla "
           f"autoencoder trained {UMAP_AE_EPOCHS} epochs; load average {os.getloadavg()[0]:.2f}")
     (ours,) = _umap_run(test_codes, ["umap_lite"])
@@ -301,9 +359,9 @@ def bench_umap(args, device=None):
 # ---- umap helpers
 
 
-def _umap_codes(data_dir, device):
+def _umap_codes(args, device):
     """Train a vanilla autoencoder briefly; its codes: train (60k, 20), test (10k, 20), labels."""
-    train_images, _, test_images, test_labels = mnist.load("mnist", root=data_dir, download=False)
+    train_images, _, test_images, test_labels = load_mnist(args)
     x = mnist.to_vectors(train_images)
     train_idx, val_idx = mnist.split_indices(run.split_permutation(len(x)))
     ae.set_seed(UMAP_SEED)
@@ -366,12 +424,14 @@ def _umap_plot(rows, labels, path):
 
 # ---- main
 
-SECTIONS = {"train": bench_train, "umap": bench_umap}
+SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--data-dir", default=DATA_DIR, help="folder with the four MNIST IDX .gz files")
+    parser.add_argument("--data-dir", default=None, help="folder with the four MNIST IDX files "
+                        "(default: data/mnist, downloaded there if missing)")
+    parser.add_argument("--no-download", action="store_true", help="fail instead of downloading")
     parser.add_argument("--only", choices=[*SECTIONS, "all"], default="all", help="which benchmark to run")
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: picked automatically)")
     parser.add_argument("--umap-png", default=UMAP_PNG, help="where the umap section draws both maps")

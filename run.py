@@ -207,13 +207,13 @@ def train_all(jobs, data, args, device):
 
     Returns ({(model, latent, seed, digit): (model, meta)}, {"jobs": N, "threads_per_job": T}).
     """
-    todo = [job for job in jobs if not _finished(job)]
     for job in jobs:
-        job["reused"] = job not in todo
+        job["reused"] = _finished(job)
         if job["reused"]:
             print(f"{job['label']} | reused checkpoint", flush=True)
+    todo = [job for job in jobs if not job["reused"]]
     n_jobs, threads = plan_jobs(args.jobs, len(todo), device)
-    progress = Progress(todo, n_jobs)
+    progress = Progress(todo)
     if n_jobs == 1:
         for job in todo:
             _train_or_exit(job, data, device, progress)
@@ -255,7 +255,7 @@ class Progress:
     work left by the work done per second of wall time, so parallel jobs are accounted for.
     """
 
-    def __init__(self, jobs, n_jobs):
+    def __init__(self, jobs):
         self.work = {job["label"]: job["work"] for job in jobs}
         self.flying, self.done_work, self.n_done = {}, 0.0, 0
         self.start, self.tty = time.perf_counter(), sys.stdout.isatty()
@@ -916,10 +916,12 @@ def report_header(results, article):
     lines.append(
         f"`{cfg['command']}` finished {results['finished']} in {_hms(results['stages_seconds']['total'])} "
         f"on {env['gpu'] or env['cpu']} ({env['device']}); its {len(trained)} trainings took "
-        f"{_hms(sum(t['seconds'] for t in trained))} of training time in all, {env['jobs']} at a time "
-        f"with {env['threads_per_job']} torch thread(s) each"
-        + (f" ({reused} of them reused from checkpoints of an earlier run with the same settings)"
-           if reused else "") + f". {n_seeds} run(s) per training (seeds {', '.join(map(str, cfg['seeds']))}); "
+        f"{_hms(sum(t['seconds'] for t in trained))} of training time in all. "
+        + (f"{reused} of them were reused from checkpoints of an earlier run with the same settings; "
+           if reused else "")
+        + (f"this run trained {len(trained) - reused}, {env['jobs']} at a time with "
+           f"{env['threads_per_job']} torch thread(s) each. " if reused < len(trained) else "")
+        + f"{n_seeds} run(s) per training (seeds {', '.join(map(str, cfg['seeds']))}); "
         + ("tables show mean ± std over the runs. " if n_seeds > 1 else "tables show single runs (no error bars). ")
         + "Figures and GIFs show the first seed."
         + (" *Published* numbers are the article's single MNIST runs (PROTOCOL.md); *diff* is ours minus "
@@ -948,7 +950,7 @@ def report_reconstruction(m, names, article):
 def report_training_time(results, names, article):
     env, m = results["environment"], results["metrics"]
     return (f"## Training time\n\nWall time of {results['config']['epochs']} epochs incl. per-epoch "
-            f"validation, latent 20, on {env['gpu'] or env['cpu']}, {env['jobs']} training(s) at a time"
+            f"validation, latent 20, on {env['gpu'] or env['cpu']}, as timed when each model was trained"
             + (" (published: one GPU, data loading dominated)." if article else ".") + "\n\n"
             + _compare_table(m, "training_seconds", names, article, 0, spread=False))
 

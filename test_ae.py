@@ -1686,6 +1686,19 @@ def test_run_trainings_see_only_training_images_and_anomaly_runs_lack_their_clas
     assert sorted(map(sorted, missing_per_anomaly_run)) == [[1], [3]]   # each lacks its own class
 
 
+def test_run_judge_trains_on_the_training_split_only(tiny_data, tmp_path, monkeypatch):
+    # the judge scores samples and interpolations; it must never have seen validation or test images
+    args, data = _tiny_run_data(tiny_data, "--quick")
+    seen, real = [], tasks.train_judge
+    monkeypatch.setattr(tasks, "train_judge", lambda x, y, **kw: seen.append((x, y)) or real(x, y, **kw))
+    run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    (x, y), = seen
+    row_index = {row.tobytes(): i for i, row in enumerate(data["x_all"])}
+    idx = [row_index.get(row.tobytes()) for row in x]
+    assert None not in idx and set(idx) == set(data["train_idx"].tolist())
+    np.testing.assert_array_equal(y, data["y_all"][idx])
+
+
 def _spy_probes(monkeypatch, real):
     """Record the training and validation inputs of every probe fit; returns the list of calls."""
     calls = []
