@@ -917,9 +917,9 @@ def report_header(results, article):
         f"`{cfg['command']}` finished {results['finished']} in {_hms(results['stages_seconds']['total'])} "
         f"on {env['gpu'] or env['cpu']} ({env['device']}); its {len(trained)} trainings took "
         f"{_hms(sum(t['seconds'] for t in trained))} of training time in all. "
-        + (f"{reused} of them were reused from checkpoints of an earlier run with the same settings; "
+        + (f"{reused} of them were reused from checkpoints of an earlier run with the same settings. "
            if reused else "")
-        + (f"this run trained {len(trained) - reused}, {env['jobs']} at a time with "
+        + (f"This run trained {len(trained) - reused}, {env['jobs']} at a time with "
            f"{env['threads_per_job']} torch thread(s) each. " if reused < len(trained) else "")
         + f"{n_seeds} run(s) per training (seeds {', '.join(map(str, cfg['seeds']))}); "
         + ("tables show mean ± std over the runs. " if n_seeds > 1 else "tables show single runs (no error bars). ")
