@@ -248,8 +248,9 @@ def bench_jobs(args, device):
         argv += ["--device", args.device]
     print(f"{n} trainings of vanilla latent 20, {JOBS_EPOCHS} epochs each, {cores} core(s)")
     threads = torch.get_num_threads()
-    one_s = _threads_epoch(1, device, args)
-    all_s = _threads_epoch(cores, device, args)
+    train_images, val_images = load_split(args)
+    x = [torch.from_numpy(mnist.to_vectors(images)) for images in (train_images, val_images)]
+    one_s, all_s = (_threads_epoch(t, x, device) for t in (1, cores))
     print(f"one training, one epoch: 1 thread {one_s:.2f} s, {cores} threads {all_s:.2f} s "
           f"(x{one_s / all_s:.2f} from {cores}x the threads)")
     torch.set_num_threads(cores)
@@ -263,11 +264,10 @@ def bench_jobs(args, device):
     torch.set_num_threads(threads)
 
 
-def _threads_epoch(threads, device, args):
-    train_images, val_images = load_split(args)
+def _threads_epoch(threads, x, device):
+    """Median epoch of vanilla at latent 20 with `threads` torch threads; x = (train, val)."""
     torch.set_num_threads(threads)
-    return epoch_seconds_fit("vanilla", 20, torch.from_numpy(mnist.to_vectors(train_images)),
-                             torch.from_numpy(mnist.to_vectors(val_images)), device, epochs=2)
+    return epoch_seconds_fit("vanilla", 20, *x, device, epochs=2)
 
 
 def _train_all_seconds(argv, device):

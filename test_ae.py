@@ -1737,7 +1737,7 @@ def test_run_baselines_as_published_trains_head_only_with_batchnorm_in_training_
     nets = []
     real = tasks.train_classifier
     monkeypatch.setattr(tasks, "train_classifier",
-                        lambda net, *a, **k: nets.append((net, copy_state(net))) or real(net, *a, **k))
+                        lambda net, *a, **k: nets.append((net, _snapshot(net))) or real(net, *a, **k))
     run.task_baselines(data, 42, torch.device("cpu"))
     (published, before), (scratch, before_scratch), (frozen, before_frozen) = nets
     changed = lambda net, before: {k for k, v in net.state_dict().items() if not torch.equal(v, before[k])}
@@ -1752,15 +1752,7 @@ def test_run_baselines_as_published_trains_head_only_with_batchnorm_in_training_
     assert changed(frozen, before_frozen) <= {"linear.weight", "linear.bias"}
 
 
-def copy_state(net):
-    return {k: v.clone() for k, v in net.state_dict().items()}
-
-
 # ---- run.py: the audit counts seeds
-
-def _metrics(per_seed):
-    return run.summarise(per_seed)
-
 
 def test_audit_verdicts_count_the_seeds():
     names = list(ae.MODELS)
@@ -1771,18 +1763,18 @@ def test_audit_verdicts_count_the_seeds():
     for values, expected, count in [((300, 300, 300), "confirmed", "3 of 3"),
                                     ((300, 50, 300), "depends", "2 of 3"),
                                     ((50, 50, 50), "not confirmed", "0 of 3")]:
-        row = verdict(run.audit(_metrics([seed(v) for v in values]), names, [1]))
+        row = verdict(run.audit(run.summarise([seed(v) for v in values]), names, [1]))
         assert row[1] == expected and f"holds in {count} seeds" in row[2]
-    one = verdict(run.audit(_metrics([seed(300)]), names, [1]))
+    one = verdict(run.audit(run.summarise([seed(300)]), names, [1]))
     assert one[1] == "confirmed" and one[2].startswith("one run")
 
 
 def test_published_within_two_std():
-    m = _metrics([{"reconstruction_bce": {"vanilla": v}} for v in (63.0, 65.0, 64.0)])  # mean 64, std 1
+    m = run.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (63.0, 65.0, 64.0)])  # mean 64, std 1
     assert run._within(m, "reconstruction_bce", "vanilla")            # published 63.92
-    m = _metrics([{"reconstruction_bce": {"vanilla": v}} for v in (70.0, 70.2, 70.1)])
+    m = run.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (70.0, 70.2, 70.1)])
     assert not run._within(m, "reconstruction_bce", "vanilla")
-    assert not run._within(_metrics([{"reconstruction_bce": {"vanilla": 63.92}}]),
+    assert not run._within(run.summarise([{"reconstruction_bce": {"vanilla": 63.92}}]),
                            "reconstruction_bce", "vanilla")           # one run has no spread
 
 
