@@ -233,7 +233,9 @@ def train_one(job, data, device, progress=None):
     x_val = torch.from_numpy(data["x_all"][data["val_idx"]])
     history = ae.fit(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],
                      lr=s["lr"], seed=s["seed"], device=device, progress=progress)
-    ae.save(model, job["path"], meta={"settings": s, "history": history})
+    # the thread count is provenance, not a setting: it changes the weights only by float rounding
+    ae.save(model, job["path"], meta={"settings": s, "history": history,
+                                      "threads": torch.get_num_threads()})
 
 
 def plan_jobs(requested, n_left, device):
@@ -666,8 +668,8 @@ def main(argv=None):
     results = {"config": config(args, data, argv), "environment": {**environment(device), **parallel},
                "stages_seconds": stages,
                "trainings": [{"training": j["label"], "checkpoint": os.path.basename(j["path"]),
-                              "reused": j["reused"], "seconds": trained[_key(j)][1]["history"]["seconds"]}
-                             for j in jobs],
+                              "reused": j["reused"], "seconds": trained[_key(j)][1]["history"]["seconds"],
+                              "threads": trained[_key(j)][1].get("threads")} for j in jobs],
                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                "metrics": summarise(per_seed)}
     path = os.path.join(out_dir, "results.json")

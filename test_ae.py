@@ -1790,6 +1790,33 @@ def test_plan_jobs_one_per_core_by_default(monkeypatch):
     assert run.plan_jobs(None, 18, torch.device("mps"))[0] == 1
 
 
+@pytest.mark.parametrize("name", ae.MODELS)
+def test_thread_count_changes_a_training_step_only_by_rounding(name):
+    # the initial weights are exact; reductions split across threads round differently, so one
+    # step's loss and gradients agree to float32 rounding, not bitwise (60 epochs amplify that)
+    x = (torch.rand(256, ae.INPUT_DIM, generator=torch.Generator().manual_seed(0)) < 0.2).float()
+    steps, threads = [], torch.get_num_threads()
+    try:
+        for t in (1, 2):
+            torch.set_num_threads(t)
+            ae.set_seed(0)
+            model = ae.build(name)
+            init = {k: v.clone() for k, v in model.state_dict().items()}
+            ae.set_seed(1)
+            loss, _ = model.loss(x)
+            loss.backward()
+            steps.append((init, loss.item(), {k: p.grad for k, p in model.named_parameters()}))
+    finally:
+        torch.set_num_threads(threads)
+    (init1, loss1, grad1), (init2, loss2, grad2) = steps
+    assert all(torch.equal(init1[k], init2[k]) for k in init1)
+    assert loss1 == pytest.approx(loss2, rel=1e-6)
+    for k in grad1:
+        # rounding (float32 eps ~1e-7) grows where near-equal numbers are subtracted (BatchNorm's
+        # x - mean over a small std, vq's h - e): seen up to 4e-5 of the gradient's scale
+        assert (grad1[k] - grad2[k]).abs().max() <= 5e-4 * grad1[k].abs().max() + 1e-6, k
+
+
 @pytest.mark.slow
 def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_path):
     models = ["--models", "shallow,vanilla,vae"]
@@ -1811,6 +1838,7 @@ def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_p
         for name, tensor in model.state_dict().items():
             assert torch.equal(tensor, other[name]), (key, name)
         assert meta["history"]["val_loss"] == parallel[key][1]["history"]["val_loss"]
+        assert meta["threads"] == parallel[key][1]["threads"] == plan["threads_per_job"]
 
 
 @pytest.mark.slow
