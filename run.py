@@ -233,7 +233,8 @@ def train_one(job, data, device, progress=None):
     x_val = torch.from_numpy(data["x_all"][data["val_idx"]])
     history = ae.fit(model, x_train, x_val, epochs=s["epochs"], batch_size=s["batch_size"],
                      lr=s["lr"], seed=s["seed"], device=device, progress=progress)
-    # the thread count is provenance, not a setting: it changes the weights only by float rounding
+    # threads are provenance, not a setting (any checkpoint is reused): they change a step only by
+    # float rounding, though 60 epochs grow that to about seed-spread size (README, Reproducibility)
     ae.save(model, job["path"], meta={"settings": s, "history": history,
                                       "threads": torch.get_num_threads()})
 
