@@ -6,6 +6,7 @@ result is checked against an independent slow reference: a hand-built IDX file, 
 by hand, a brute-force nearest-neighbour search, the pairwise definition of AUC.
 """
 
+import contextlib
 import gzip
 import hashlib
 import http.server
@@ -1790,15 +1791,25 @@ def test_plan_jobs_one_per_core_by_default(monkeypatch):
     assert run.plan_jobs(None, 18, torch.device("mps"))[0] == 1
 
 
+@contextlib.contextmanager
+def _torch_threads(n):
+    """torch runs on n threads inside the block, on its previous count after it."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("name", ae.MODELS)
 def test_thread_count_changes_a_training_step_only_by_rounding(name):
     # the initial weights are exact; reductions split across threads round differently, so one
     # step's loss and gradients agree to float32 rounding, not bitwise (60 epochs amplify that)
     x = (torch.rand(256, ae.INPUT_DIM, generator=torch.Generator().manual_seed(0)) < 0.2).float()
-    steps, threads = [], torch.get_num_threads()
-    try:
-        for t in (1, 2):
-            torch.set_num_threads(t)
+    steps = []
+    for t in (1, 2):
+        with _torch_threads(t):
             ae.set_seed(0)
             model = ae.build(name)
             init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -1806,8 +1817,6 @@ def test_thread_count_changes_a_training_step_only_by_rounding(name):
             loss, _ = model.loss(x)
             loss.backward()
             steps.append((init, loss.item(), {k: p.grad for k, p in model.named_parameters()}))
-    finally:
-        torch.set_num_threads(threads)
     (init1, loss1, grad1), (init2, loss2, grad2) = steps
     assert all(torch.equal(init1[k], init2[k]) for k in init1)
     assert loss1 == pytest.approx(loss2, rel=1e-6)
@@ -1825,13 +1834,9 @@ def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_p
     parallel, plan = run.train_all(jobs, data, args, torch.device("cpu"))
     assert plan["jobs"] == 2
     args1, _ = _tiny_run_data(tiny_data, "--quick", "--jobs", "1", *models)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(plan["threads_per_job"])       # the same thread count as each worker
-    try:
+    with _torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
         alone, _ = run.train_all(run.training_jobs(args1, data, str(tmp_path / "alone")), data, args1,
                                  torch.device("cpu"))
-    finally:
-        torch.set_num_threads(threads)
     assert parallel.keys() == alone.keys() and len(alone) == 6
     for key, (model, meta) in alone.items():
         other = parallel[key][0].state_dict()
