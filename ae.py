@@ -43,6 +43,7 @@ N_LAYERS = 3  # encoder and decoder layers of every contestant but the shallow o
 MODELS = ("shallow", "vanilla", "stacked", "sparse", "denoising",
           "vae", "beta_vae_strict", "beta_vae_loose", "vq")
 GENERATIVE = ("vae", "beta_vae_strict", "beta_vae_loose", "vq")
+REFERENCES = ("pca",)  # fitted in closed form, not trained; they run every task beside the nine
 SPARSITY_P = 0.25  # target mean activation of each sparse latent unit (article)
 SPARSITY_BETA = 1.0  # weight of the sparsity penalty (article)
 # The article calls 0.5 the noise *variance*; the companion code used 0.5 as the standard
@@ -51,6 +52,10 @@ DENOISING_STD = 0.5
 KL_BETA = {"vae": 1.0, "beta_vae_strict": 2.0, "beta_vae_loose": 0.5}  # weight of the KL term
 VQ_CODES = 512  # scalar codebook values per latent dimension (companion code)
 VQ_BETA = 1.0  # weight of the commitment loss (article)
+# PCA's linear reconstruction is clipped to [eps, 1 - eps] before BCE. Pixels are multiples of
+# 1/255, so a reconstruction within half a grey level of 0 or 1 is as good as exact, and no
+# reconstruction is allowed to claim more certainty than that.
+PCA_EPS = 0.5 / 255
 
 # Legend of the shape comments below, e.g. `# (B, H) -> (B, Z)`:
 #   B  batch size
@@ -316,13 +321,79 @@ class Stacked(Autoencoder):
         return self
 
 
+# ---- the reference: PCA, fitted in closed form
+
+
+class GaussianCode(Identity):
+    """z = h, with the prior of probabilistic PCA: z ~ N(0, diag(variance of each training code))."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.register_buffer("variance", torch.ones(latent_dim))
+
+    def prior(self, n, latent_dim, device):
+        return torch.randn(n, latent_dim, device=device) * self.variance.sqrt()  # (n, Z)
+
+
+class LinearDecoder(nn.Module):
+    """z -> mean + V z, clipped to [PCA_EPS, 1 - PCA_EPS] so that BCE stays finite."""
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.linear = nn.Linear(latent_dim, INPUT_DIM)  # weight V (D, Z), bias the mean image
+
+    def forward(self, z):
+        return self.linear(z).clamp(PCA_EPS, 1 - PCA_EPS)  # (B, Z) -> (B, D)
+
+
+class PCA(Autoencoder):
+    """The first Z principal axes of the training images as a linear encoder and decoder.
+
+    With the mean image m and V (D, Z) the top-Z eigenvectors of the covariance
+    C = 1/N sum_i (x_i - m)(x_i - m)^T:   z = V^T (x - m),   x_hat = clip(m + V z, eps, 1 - eps).
+    No parameter is trained by gradient: `fit_closed_form` sets them, and `fit` calls it.
+    """
+
+    def __init__(self, latent_dim):
+        encoder = nn.Linear(INPUT_DIM, latent_dim)  # weight V^T (Z, D), bias -V^T m
+        super().__init__("pca", latent_dim, encoder, GaussianCode(latent_dim), LinearDecoder(latent_dim))
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        return self.decoder(self.encode(x))  # (B, D) -> (B, Z) -> (B, D), no sigmoid
+
+    def loss(self, x):
+        recon = F.binary_cross_entropy(self(x), x, reduction="sum") / x.shape[0]
+        return recon, {"recon": recon.detach()}
+
+    @torch.no_grad()
+    def fit_closed_form(self, x):
+        """Set the axes from the training images x (N, D), in float64 for the eigendecomposition."""
+        x = x.double()
+        if len(x) <= self.latent_dim:
+            raise ValueError(f"pca needs more than {self.latent_dim} training images, got {len(x)}")
+        mean = x.mean(0)
+        xc = x - mean
+        variance, axes = torch.linalg.eigh(xc.T @ xc / len(x))  # ascending eigenvalues, (D,), (D, D)
+        variance, axes = variance.flip(0)[:self.latent_dim], axes.flip(1)[:, :self.latent_dim]  # (D, Z)
+        # an eigenvector's sign is arbitrary: make each axis's largest entry positive (reproducible)
+        axes = axes * torch.sign(axes.gather(0, axes.abs().argmax(0, keepdim=True)))
+        self.encoder.weight.copy_(axes.T)
+        self.encoder.bias.copy_(-axes.T @ mean)
+        self.decoder.linear.weight.copy_(axes)
+        self.decoder.linear.bias.copy_(mean)
+        self.bottleneck.variance.copy_(variance.clamp(min=0))  # the code variances: eigenvalues
+
+
 def build(name, latent_dim=20):
     """A fresh, untrained contestant. Seed with set_seed first for reproducible weights."""
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+    if name not in MODELS + REFERENCES:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS + REFERENCES)}")
     enc_out = 2 * latent_dim if name in KL_BETA else latent_dim  # H: (beta-)VAEs encode (mu, log_sigma)
     if not isinstance(latent_dim, int) or latent_dim < 1 or enc_out > INPUT_DIM:
         raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // 2}, got {latent_dim!r}")
+    if name == "pca":
+        return PCA(latent_dim)
     if name == "shallow":
         encoder = nn.Sequential(*mlp([INPUT_DIM, latent_dim]), nn.ReLU())
         decoder = Decoder([latent_dim, INPUT_DIM])
@@ -357,6 +428,8 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
     """
     device, train_x, val_x = _checked_inputs(model, train_x, val_x, epochs, batch_size, device)
     progress = _progress_callback(progress, model.name)
+    if hasattr(model, "fit_closed_form"):  # pca: one eigendecomposition instead of the loop
+        return _fit_closed_form(model, train_x, val_x, batch_size, device, progress)
     n = len(train_x) - (len(train_x) % batch_size == 1)  # BatchNorm cannot train on a batch of one
     set_seed(seed)  # noise of the denoising model and the VAEs
     order_rng = torch.Generator().manual_seed(seed)  # the shuffling order, independent of the noise
@@ -388,6 +461,20 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
                 "epoch": epoch, "epochs": epochs, "stage": stage, "train_loss": train_loss,
                 "val_loss": val_loss, "samples_per_s": samples_per_s, "seconds": time.perf_counter() - start})
     model.set_stage(None)  # every layer trainable again (stacked)
+    model.eval()
+    history["seconds"] = time.perf_counter() - start
+    return history
+
+
+def _fit_closed_form(model, train_x, val_x, batch_size, device, progress):
+    """fit's history for a model without a loop: one "epoch", its losses and time."""
+    start = time.perf_counter()
+    model.to(device).fit_closed_form(train_x)
+    history = {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
+    _end_epoch(history, progress, {
+        "epoch": 1, "epochs": 1, "stage": None, "train_loss": evaluate(model, train_x, batch_size)["loss"],
+        "val_loss": evaluate(model, val_x, batch_size)["loss"], "samples_per_s": len(train_x) / max(
+            time.perf_counter() - start, 1e-9), "seconds": time.perf_counter() - start})
     model.eval()
     history["seconds"] = time.perf_counter() - start
     return history

@@ -57,6 +57,8 @@ EPOCHS = 60                     # the article's training length
 LATENT, LATENT_ANOMALY = 20, 2  # the two trainings per contestant
 ANOMALY_DIGIT = 1               # the article's held-out class
 CLEAR_MARGIN = 0.02             # audit: a lead in confidence smaller than this is no lead
+INK_STRONG = 0.7                # audit: |rank correlation| with ink from which a score "measures ink":
+                                # rho^2 ~ 0.5, ink alone orders half the variance of the score's ranks
 VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can sample or give mu
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
@@ -88,6 +90,9 @@ PUBLISHED = {   # the article's MNIST table (single runs); its AUCs come from th
 # vanilla (783k), not 18x.
 ETA_OVERHEAD_PARAMS = 300_000
 WATCH_PARENT_S = 0.5            # how often a worker checks that run.py is still there
+# Rows of the report that are not contestants: closed-form pca, the raw pixels (classification) and
+# ink, each image's summed intensity (anomaly detection). No claim about "the contestants" ranks them.
+REFERENCE_ROWS = tuple(ae.REFERENCES) + ("pixels", "ink")
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "boot"]
 
@@ -117,6 +122,9 @@ def parse_args(argv=None):
                    help="trainings at once, each in its own process (default: one per core)")
     p.add_argument("--anomaly-digits", default=str(ANOMALY_DIGIT),
                    help="held-out digit(s) for the anomaly sweep: a comma list or 'all'")
+    p.add_argument("--anomaly-latents", default=str(LATENT_ANOMALY),
+                   help=f"latent size(s) of the anomaly models, e.g. {LATENT_ANOMALY},{LATENT}: each "
+                        f"size beyond {LATENT_ANOMALY} is trained without digit {ANOMALY_DIGIT} only")
     p.add_argument("--quick", action="store_true",
                    help=f"reduced settings ({QUICK['n_train']} training images, "
                         f"{QUICK['epochs']} epochs unless --epochs is given): a smoke run")
@@ -134,6 +142,13 @@ def parse_args(argv=None):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
     args.anomaly_digits = _digits(p, args.anomaly_digits)
+    try:
+        args.anomaly_latents = sorted({int(z) for z in args.anomaly_latents.split(",")} | {LATENT_ANOMALY})
+    except ValueError:
+        args.anomaly_latents = [0]
+    if not all(1 <= z <= ae.INPUT_DIM // 2 for z in args.anomaly_latents):
+        p.error(f"--anomaly-latents takes latent sizes from 1 to {ae.INPUT_DIM // 2} separated by "
+                f"commas, got {args.anomaly_latents!r}")
     return args
 
 
@@ -183,8 +198,8 @@ def training_jobs(args, data, out_dir):
     """Every training the run needs, each with the settings that identify its checkpoint."""
     jobs = []
     for seed in seeds_of(args):
-        for name in args.models:
-            for latent, digit in [(LATENT, None)] + [(LATENT_ANOMALY, d) for d in args.anomaly_digits]:
+        for name in args.models + list(ae.REFERENCES):
+            for latent, digit in [(LATENT, None)] + anomaly_trainings(args):
                 idx = data["train_idx"]
                 if digit is not None:
                     idx = mnist.drop_class(idx, data["y_all"], digit)   # val and test keep it
@@ -200,6 +215,12 @@ def training_jobs(args, data, out_dir):
                                                   f"{'' if digit is None else f'-no{digit}'}-{key}.pt"),
                              "work": args.epochs * len(idx) * (n_params + ETA_OVERHEAD_PARAMS)})
     return jobs
+
+
+def anomaly_trainings(args):
+    """(latent, held-out digit) of every anomaly model: each digit at latent 2, digit 1 at the others."""
+    return ([(LATENT_ANOMALY, d) for d in args.anomaly_digits]
+            + [(z, ANOMALY_DIGIT) for z in args.anomaly_latents if z != LATENT_ANOMALY])
 
 
 def train_all(jobs, data, args, device):
@@ -394,18 +415,18 @@ def _exit_with_parent():
 
 def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     """All tasks for one seed; returns {metric: {model: value}} and, for the first seed, figures."""
-    models = {n: trained[(n, LATENT, seed, None)][0] for n in args.models}
-    models2 = {d: {n: trained[(n, LATENT_ANOMALY, seed, d)][0] for n in args.models}
-               for d in args.anomaly_digits}
+    names = args.models + list(ae.REFERENCES)      # the contestants, then the references
+    models = {n: trained[(n, LATENT, seed, None)][0] for n in names}
+    anomaly = {(z, d): {n: trained[(n, z, seed, d)][0] for n in names} for z, d in anomaly_trainings(args)}
     m = {"training_seconds": {n: trained[(n, LATENT, seed, None)][1]["history"]["seconds"]
-                              for n in args.models}}
+                              for n in names}}
     figs = {}
     steps = [("reconstruction", lambda: task_reconstruction(models, data, seed)),
              ("classification", lambda: task_classification(models, data, seed, args.quick)),
              ("baselines", lambda: (task_baselines(data, seed, device), None)),
-             ("anomaly", lambda: task_anomaly(models2, data, seed)),
+             ("anomaly", lambda: task_anomaly(anomaly, data, seed)),
              ("generation", lambda: task_generation(models, data, judge, seed)),
-             ("latent", lambda: task_latent_structure(models, models2[ANOMALY_DIGIT], data, seed,
+             ("latent", lambda: task_latent_structure(models, anomaly[LATENT_ANOMALY, ANOMALY_DIGIT], data, seed,
                                                       args.quick, out_dir if first else None))]
     for step, task in steps:
         t = time.time()
@@ -486,28 +507,46 @@ def task_baselines(data, seed, device):
     return m
 
 
-def task_anomaly(models2, data, seed):
-    """Latent-2 models trained without digit d score every test image; positives are the d's.
+def task_anomaly(anomaly, data, seed):
+    """Each anomaly model, trained without digit d, scores every test image; positives are the d's.
 
-    The article's digit gets both scores (summed BCE, and the signed score behind its AUCs);
-    every digit of the sweep gets the AUROC of the summed BCE. Returns ROC curves to plot.
+    Two scores per model: the summed BCE, and the article's signed score sum(x_hat - x). Beside
+    them, ink (each image's summed intensity) as a reference that needs no training, and as a
+    diagnostic: the rank correlation of each score with ink. Ink ranks *low* ink as anomalous,
+    the direction of the signed score (sum(x_hat) - ink); the summed BCE's direction, high ink,
+    gets exactly 1 - that AUROC. Keys: `<metric>_digit_<d>` for every (latent 2) digit,
+    `..._z<latent>` for the other latent sizes, and the plain `<metric>` for the article's digit
+    at latent 2. Returns the ROC curves of the article's setting to plot.
     """
-    y_test, m, curves = data["y_test"], {}, {}
+    y_test, ink = data["y_test"], tasks.ink(data["x_test"])
+    m, curves = {}, {}
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
-    for digit, models in models2.items():
+    for (latent, digit), models in anomaly.items():
+        is_anomaly = y_test == digit
+        suffix = f"_digit_{digit}" + ("" if latent == LATENT_ANOMALY else f"_z{latent}")
+        headline = latent == LATENT_ANOMALY and digit == ANOMALY_DIGIT
+        scores = {}
         for name, model in models.items():
             ae.set_seed(seed)
-            bce, signed = tasks.anomaly_scores(model, data["x_test"])
-            put(f"anomaly_auc_digit_{digit}", name, tasks.roc_auc(y_test == digit, bce))
-            if digit != ANOMALY_DIGIT:
-                continue
-            is_anomaly = y_test == ANOMALY_DIGIT
-            put("anomaly_auc", name, tasks.roc_auc(is_anomaly, bce))
-            put("anomaly_auprc", name, tasks.average_precision(is_anomaly, bce))
-            put("anomaly_auc_signed_score", name, tasks.roc_auc(is_anomaly, signed))
-            curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, bce)[:2], m["anomaly_auc"][name]),
-                            ("signed (article)", *tasks.roc_curve(is_anomaly, signed)[:2],
-                             m["anomaly_auc_signed_score"][name])]
+            scores[name] = tasks.anomaly_scores(model, data["x_test"])
+        scores["ink"] = (-ink, -ink)       # the reference: the same ranking under both names
+        for name, (bce, signed) in scores.items():
+            row = {"anomaly_auc": tasks.roc_auc(is_anomaly, bce),
+                   "anomaly_auprc": tasks.average_precision(is_anomaly, bce),
+                   "anomaly_auc_signed_score": tasks.roc_auc(is_anomaly, signed)}
+            if name != "ink":
+                row["anomaly_ink_spearman"] = tasks.spearman(bce, ink)
+                row["anomaly_ink_spearman_signed_score"] = tasks.spearman(signed, ink)
+            for metric, value in row.items():
+                put(metric + suffix, name, value)
+                if headline:
+                    put(metric, name, value)
+            if headline:
+                curves[name] = [("low ink" if name == "ink" else "summed BCE",
+                                 *tasks.roc_curve(is_anomaly, bce)[:2], row["anomaly_auc"])]
+                if name != "ink":
+                    curves[name].append(("signed (article)", *tasks.roc_curve(is_anomaly, signed)[:2],
+                                         row["anomaly_auc_signed_score"]))
     return m, curves
 
 
@@ -539,7 +578,7 @@ def task_generation(models, data, judge, seed):
     return m, figs
 
 
-def task_latent_structure(models, models2, data, seed, quick, map_dir=None):
+def task_latent_structure(models, models_z2, data, seed, quick, map_dir=None):
     """Leave-one-out 10-NN accuracy of the 20-d test codes; with map_dir, their umap_lite maps too.
 
     The maps (first seed only: they are the slowest task) come with their trustworthiness, and
@@ -559,7 +598,7 @@ def task_latent_structure(models, models2, data, seed, quick, map_dir=None):
         m.setdefault("umap_trustworthiness", {})[name] = trust
         figs["maps20"][name], figs["notes20"][name] = emb, f"trust(15) {trust:.3f} | 10-NN 20-d {knn:.3f}"
         ae.set_seed(seed)
-        z2 = tasks.encode(models2[name], data["x_test"][:n_map])             # (n_map, 2)
+        z2 = tasks.encode(models_z2[name], data["x_test"][:n_map])             # (n_map, 2)
         knn2 = np.mean(tasks.knn_predict(z2, y_map, z2, k=10, exclude_self=True) == y_map)
         figs["maps2"][name], figs["notes2"][name] = z2, f"10-NN {knn2:.3f}"
     return m, figs
@@ -804,11 +843,58 @@ def claim_anomaly_order(metric):
     return check
 
 
-def claim_anomaly_stable(s, names, digits):
-    if len(digits) < 2:
-        return None
-    wins = [d for d in digits if _ranked(s, f"anomaly_auc_digit_{d}", names)[-1] == "shallow"]
-    return len(wins) == len(digits), f"shallow best for {len(wins)} of {len(digits)} digits"
+def claim_anomaly_order_every_digit(metric):
+    def check(s, names, digits):
+        if len(digits) < 2:
+            return None
+        held = [d for d in digits if _ranked(s, f"{metric}_digit_{d}", names)[::-1][:2] == ["shallow", "stacked"]]
+        firsts = ", ".join(f"{d}: {_ranked(s, f'{metric}_digit_{d}', names)[-1]}" for d in digits)
+        return len(held) == len(digits), f"holds for {len(held)} of {len(digits)} digits (best: {firsts})"
+    return check
+
+
+def claim_anomaly_order_every_latent(metric):
+    def check(s, names, digits):
+        latents = _anomaly_latents(s)
+        if len(latents) < 2:
+            return None
+        key = lambda z: f"{metric}_digit_{ANOMALY_DIGIT}" + ("" if z == LATENT_ANOMALY else f"_z{z}")
+        tops = {z: _ranked(s, key(z), names)[::-1][:2] for z in latents}
+        rho = tasks.spearman([s[key(latents[0])][n] for n in names], [s[key(latents[-1])][n] for n in names])
+        return (all(t == ["shallow", "stacked"] for t in tops.values()),
+                "; ".join(f"z={z}: {', '.join(f'{n} {s[key(z)][n]:.3f}' for n in t)}" for z, t in tops.items())
+                + f"; rank correlation z={latents[0]} vs z={latents[-1]} {rho:.2f}")
+    return check
+
+
+def claim_pca_first_try(metric):
+    """PCA within CLEAR_MARGIN of the best contestant, at the article's digit or (sweep) on the
+    mean over the held-out digits: a first try that is hardly worse than the best autoencoder."""
+    def check(s, names, digits):
+        keys = [metric] if len(digits) < 2 else [f"{metric}_digit_{d}" for d in digits]
+        mean = lambda n: float(np.mean([s[k][n] for k in keys]))
+        best = max(names, key=mean)
+        close = sum(s[k]["pca"] >= max(s[k][n] for n in names) - CLEAR_MARGIN for k in keys)
+        return (mean("pca") >= mean(best) - CLEAR_MARGIN,
+                f"pca {mean('pca'):.3f}, shallow {mean('shallow'):.3f}, best {best} {mean(best):.3f}"
+                + (f" (means over {len(keys)} digits; pca close to the best for {close})" if len(keys) > 1 else ""))
+    return check
+
+
+def claim_signed_score_is_ink(s, names, digits):
+    rho = {n: s["anomaly_ink_spearman_signed_score"][n] for n in names}
+    strong = [n for n in names if abs(rho[n]) >= INK_STRONG]
+    median = float(np.median(list(rho.values())))
+    return (len(strong) > len(names) / 2,
+            f"|ρ| >= {INK_STRONG} for {len(strong)} of {len(names)}; median ρ {median:.3f}")
+
+
+def claim_beat_pixels(metric):
+    def check(s, names, digits):
+        pixels = s[metric]["pixels"]
+        above = [n for n in names if s[metric][n] > pixels]
+        return len(above) > len(names) / 2, f"{len(above)} of {len(names)} above pixels {pixels:.3f}"
+    return check
 
 
 def claim_strict_most_legible(s, names, digits):
@@ -865,7 +951,24 @@ CLAIMS = [
      ("shallow", "stacked"), claim_anomaly_order("anomaly_auc")),
     ("Shallow is best at anomaly detection, stacked second (the article's signed score).",
      ("shallow", "stacked"), claim_anomaly_order("anomaly_auc_signed_score")),
-    ("The anomaly order is stable for other digits (shallow best).", ("shallow",), claim_anomaly_stable),
+    ("The anomaly order (shallow best, stacked second) is stable for every held-out digit (summed BCE).",
+     ("shallow", "stacked"), claim_anomaly_order_every_digit("anomaly_auc")),
+    ("The anomaly order (shallow best, stacked second) is stable for every held-out digit (signed score).",
+     ("shallow", "stacked"), claim_anomaly_order_every_digit("anomaly_auc_signed_score")),
+    ("The anomaly order is stable across latent sizes (held-out 1; summed BCE).", ("shallow", "stacked"),
+     claim_anomaly_order_every_latent("anomaly_auc")),
+    ("The anomaly order is stable across latent sizes (held-out 1; signed score).", ("shallow", "stacked"),
+     claim_anomaly_order_every_latent("anomaly_auc_signed_score")),
+    (f"PCA is a good first try for anomaly detection: within {CLEAR_MARGIN} of the best contestant "
+     "(summed BCE).", ("shallow",), claim_pca_first_try("anomaly_auc")),
+    (f"PCA is a good first try for anomaly detection: within {CLEAR_MARGIN} of the best contestant "
+     "(signed score).", ("shallow",), claim_pca_first_try("anomaly_auc_signed_score")),
+    (f"(ours) The signed score mostly measures ink: |rank correlation| >= {INK_STRONG} for most "
+     "contestants.", (), claim_signed_score_is_ink),
+    ("(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them "
+     "(converged probe).", (), claim_beat_pixels("probe_accuracy")),
+    ("(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them "
+     "(the article's probe).", (), claim_beat_pixels("probe_accuracy_reference_protocol")),
     ("The strict beta-VAE gives the most meaningful samples.", ae.GENERATIVE, claim_strict_most_legible),
     ("The loose beta-VAE's samples are more diverse but less legible than the strict one's.",
      ("beta_vae_strict", "beta_vae_loose"), claim_loose_diverse_less_legible),
@@ -880,6 +983,12 @@ CLAIMS = [
 def _ranked(s, metric, names):
     """names sorted by one seed's value of metric, lowest first."""
     return sorted(names, key=lambda n: s[metric][n])
+
+
+def _anomaly_latents(s):
+    """The latent sizes whose anomaly models this seed's numbers hold."""
+    prefix = f"anomaly_auc_digit_{ANOMALY_DIGIT}_z"
+    return [LATENT_ANOMALY] + sorted(int(k[len(prefix):]) for k in s if k.startswith(prefix))
 
 
 def _baseline(s):
@@ -897,7 +1006,7 @@ def write_report(results, out_dir):
     sections = [report_header(results, article), report_summary(m, names),
                 report_reconstruction(m, names, article), report_training_time(results, names, article),
                 report_samples(m, names), report_interpolation(m, names), report_latent(m, names),
-                report_classification(m, names, cfg, article), report_anomaly(m, names, cfg, article),
+                report_classification(m, names, cfg, article), report_anomaly(m, names, cfg, article, out_dir),
                 report_published(m, names) if article else "",
                 report_audit(m, names, cfg), report_settings(results)]
     path = os.path.join(out_dir, "REPORT.md")
@@ -937,9 +1046,10 @@ def report_summary(m, names):
     return "## Summary\n\n" + _table(
         ["model", "recon BCE ↓", "probe acc (converged) ↑", "probe acc (article's probe) ↑",
          "anomaly AUROC ↑", "training s"],
-        [[n, _fmt(m, "reconstruction_bce", n, 2), _fmt(m, "probe_accuracy", n, 4),
+        [[_label(n), _fmt(m, "reconstruction_bce", n, 2), _fmt(m, "probe_accuracy", n, 4),
           _fmt(m, "probe_accuracy_reference_protocol", n, 4), _fmt(m, "anomaly_auc", n, 4),
-          _fmt(m, "training_seconds", n, 0)] for n in names])
+          _fmt(m, "training_seconds", n, 0)]
+         for n in _rows(m, ["reconstruction_bce", "probe_accuracy", "anomaly_auc"], names)])
 
 
 def report_reconstruction(m, names, article):
@@ -975,10 +1085,11 @@ def report_samples(m, names):
 
 
 def report_interpolation(m, names):
-    fixed = [n for n in names if n in VARIATIONAL]
-    rows = [[n, _fmt(m, "interpolation_confidence", n, 3), _fmt(m, "interpolation_third_class", n, 2),
+    fixed, shown = [n for n in names if n in VARIATIONAL], _rows(m, ["interpolation_confidence"], names)
+    rows = [[_label(n), _fmt(m, "interpolation_confidence", n, 3), _fmt(m, "interpolation_third_class", n, 2),
              _fmt(m, "interpolation_confidence_fixed_noise", n, 3),
-             _fmt(m, "interpolation_third_class_fixed_noise", n, 2)] for n in names]
+             _fmt(m, "interpolation_third_class_fixed_noise", n, 2)]
+            for n in shown]
     text = ("## Interpolation\n\nBetween the first two test images, through the encoder outputs before "
             f"the bottleneck ({tasks.INTERP_STEPS} steps). *Confidence* = the judge's mean top-class "
             "probability along the path; *third class* = share of runs whose path is classified as a "
@@ -986,10 +1097,10 @@ def report_interpolation(m, names):
             "the whole path.\n\n"
             + _table(["model", "confidence", "third class", "confidence (fixed noise)",
                       "third class (fixed noise)"], rows)
-            + "\n" + " ".join(f"![{n}](interp_{n}.gif)" for n in names) + "\n")
+            + "\n" + " ".join(f"![{n}](interp_{n}.gif)" for n in shown) + "\n")
     if fixed:
         text += ("\nFixed noise: " + " ".join(f"![{n} fixed](interp_{n}_fixed_noise.gif)" for n in fixed)
-                 + "\n\nGIF order: " + ", ".join(names) + "; then " + ", ".join(fixed) + " with fixed noise.\n")
+                 + "\n\nGIF order: " + ", ".join(shown) + "; then " + ", ".join(fixed) + " with fixed noise.\n")
     return text
 
 
@@ -1000,18 +1111,19 @@ def report_latent(m, names):
                  "seed. *Trust* = trustworthiness (k = 15) of the map; *10-NN* = leave-one-out 10-NN "
                  "accuracy of the 20-d codes on the test images.\n\n"
                  + _table(["model", "trust(15) ↑", "10-NN acc ↑"],
-                          [[n, _fmt(m, "umap_trustworthiness", n, 3), _fmt(m, "latent_knn_accuracy", n, 3)]
-                           for n in names])
+                          [[_label(n), _fmt(m, "umap_trustworthiness", n, 3),
+                            _fmt(m, "latent_knn_accuracy", n, 3)]
+                           for n in _rows(m, ["latent_knn_accuracy"], names)])
                  + "\n![latent maps, 20-d codes through umap_lite](latent_umap.png)\n\n")
     return text + ("The raw codes of the latent-2 models (trained without the anomaly digit):\n\n"
                    "![latent-2 codes](latent_2d.png)\n")
 
 
 def report_classification(m, names, cfg, article):
-    rows = [[n, _fmt(m, "probe_accuracy", n, 4), _fmt(m, "probe_accuracy_mu", n, 4),
+    rows = [[_label(n), _fmt(m, "probe_accuracy", n, 4), _fmt(m, "probe_accuracy_mu", n, 4),
              _fmt(m, "probe_accuracy_reference_protocol", n, 4)]
             + (_published_cells(m, "probe_accuracy_reference_protocol", n, 4) if article else [])
-            + [_fmt(m, "knn_probe_accuracy", n, 4)] for n in names]
+            + [_fmt(m, "knn_probe_accuracy", n, 4)] for n in _rows(m, ["probe_accuracy"], names)]
     text = ("## Classification\n\n"
             f"Frozen encoder (+ bottleneck), {cfg['probe_labels']} labelled training images. *Converged*: "
             "multinomial logistic regression on standardised codes, trained to convergence, L2 "
@@ -1027,8 +1139,8 @@ def report_classification(m, names, cfg, article):
                  f"({QUICK['budget_draws'] if cfg['quick'] else BUDGET_DRAWS} draw(s) per budget and "
                  "seed, averaged):\n\n"
                  + _table(["model"] + [f"{b} labels" for b in budgets],
-                          [[n] + [_fmt(m, f"probe_accuracy_{b}_labels", n, 3) for b in budgets]
-                           for n in names])
+                          [[_label(n)] + [_fmt(m, f"probe_accuracy_{b}_labels", n, 3) for b in budgets]
+                           for n in _rows(m, [f"probe_accuracy_{budgets[0]}_labels"], names)])
                  + "\n![accuracy vs labels](label_budgets.png)\n")
     return text
 
@@ -1046,29 +1158,79 @@ def report_baselines(m, article):
                       + (_published_cells(m, metric, "vanilla", 4) if article else []) for label, metric in rows]))
 
 
-def report_anomaly(m, names, cfg, article):
+def report_anomaly(m, names, cfg, article, out_dir):
     held_out = (f"class {ANOMALY_DIGIT} ({FASHION_CLASSES[ANOMALY_DIGIT]})"
                 if cfg["dataset"] == "fashion" else f"digit {ANOMALY_DIGIT}")
-    rows = [[n, _fmt(m, "anomaly_auc", n, 4), _fmt(m, "anomaly_auprc", n, 4),
+    rows = [[_label(n), _fmt(m, "anomaly_auc", n, 4), _fmt(m, "anomaly_auprc", n, 4),
              _fmt(m, "anomaly_auc_signed_score", n, 4)]
-            + (_published_cells(m, "anomaly_auc_signed_score", n, 4) if article else []) for n in names]
+            + (_published_cells(m, "anomaly_auc_signed_score", n, 4) if article else [])
+            + [_fmt(m, "anomaly_ink_spearman", n, 2), _fmt(m, "anomaly_ink_spearman_signed_score", n, 2)]
+            for n in _rows(m, ["anomaly_auc"], names)]
     text = ("## Anomaly detection\n\n"
-            f"Latent-2 models trained without {held_out}; score = summed BCE of the reconstruction; "
-            f"positives = test images of {held_out}. *Signed* is the score behind the article's "
-            "published AUCs: the signed sum of (reconstruction - input), which is not an error.\n\n"
+            f"Latent-{LATENT_ANOMALY} models trained without {held_out}; score = summed BCE of the "
+            f"reconstruction; positives = test images of {held_out}. *Signed* is the score behind the "
+            "article's published AUCs: the signed sum of (reconstruction - input), which is not an "
+            "error. *ink* needs no model: it ranks the test images by low summed intensity, the "
+            "direction the signed score leans to (sum of the reconstruction minus the ink); ranking by "
+            "high ink gives 1 minus its AUROC. *ρ ink*: Spearman rank correlation of a score with the "
+            "ink of the test images; near ±1, the score orders images by their stroke mass. An AUROC "
+            "below 0.5 means the score ranks the held-out class as *more normal* than the rest: a "
+            "thin digit that is reconstructed well has a low summed BCE.\n\n"
             + _table(["model", "AUROC", "AUPRC", "AUROC signed score"]
-                     + (["published (signed)", "diff", "within 2 std"] if article else []), rows)
+                     + (["published (signed)", "diff", "within 2 std"] if article else [])
+                     + ["ρ ink (BCE)", "ρ ink (signed)"], rows)
             + "\n![ROC curves](anomaly_roc.png)\n")
+    return text + report_anomaly_sweep(m, names, cfg, out_dir) + report_anomaly_latents(m, names, cfg)
+
+
+def report_anomaly_sweep(m, names, cfg, out_dir):
+    """Every held-out digit: a table per score, mean ranks, and the heatmap (all from results.json)."""
     digits = cfg["anomaly_digits"]
-    if len(digits) > 1:
-        mean = lambda d, n: m[f"anomaly_auc_digit_{d}"][n]["mean"]
-        best = {d: max(names, key=lambda n: mean(d, n)) for d in digits}
-        rows = [[n] + [f"**{mean(d, n):.3f}**" if best[d] == n else f"{mean(d, n):.3f}" for d in digits]
-                + [f"{np.mean([mean(d, n) for d in digits]):.3f}"] for n in names]
-        text += ("\nOne-vs-rest: for each digit d, a latent-2 model trained without d, AUROC of d "
-                 "against the rest (summed BCE score). Best per column in bold.\n\n"
-                 + _table(["model"] + [str(d) for d in digits] + ["mean"], rows))
-    return text
+    if len(digits) < 2:
+        return ""
+    shown = _rows(m, [f"anomaly_auc_digit_{d}" for d in digits], names)
+    mean = lambda metric, d, n: m[f"{metric}_digit_{d}"][n]["mean"]
+    text = (f"\n### Every held-out digit\n\nFor each digit d, latent-{LATENT_ANOMALY} models "
+            "trained without d (val and test keep it); positives = the test images of d. Mean ± std "
+            "over the seeds; best contestant per column in bold. *Mean rank*: each row's rank among "
+            f"the {len(shown)} rows by the mean value (1 = best), averaged over the digits.\n")
+    for metric, title, higher in [("anomaly_auc", "AUROC, summed BCE", True),
+                                  ("anomaly_auc_signed_score", "AUROC, signed score", True),
+                                  ("anomaly_auprc", "AUPRC, summed BCE", True),
+                                  ("anomaly_ink_spearman", "ρ with ink, summed BCE", None),
+                                  ("anomaly_ink_spearman_signed_score", "ρ with ink, signed score", None)]:
+        rows_here = [n for n in shown if n in m.get(f"{metric}_digit_{digits[0]}", {})]
+        best = {d: max(names, key=lambda n: mean(metric, d, n)) for d in digits}
+        ranks = {n: [] for n in rows_here}
+        for d in digits:
+            for r, n in enumerate(sorted(rows_here, key=lambda n: -mean(metric, d, n)), start=1):
+                ranks[n].append(r)
+        table = [[_label(n)] + [f"**{_fmt(m, f'{metric}_digit_{d}', n, 3)}**" if higher and best[d] == n
+                                else _fmt(m, f"{metric}_digit_{d}", n, 3) for d in digits]
+                 + ([f"{np.mean(ranks[n]):.1f}"] if higher else []) for n in rows_here]
+        text += (f"\n{title}:\n\n"
+                 + _table(["model"] + [str(d) for d in digits] + (["mean rank"] if higher else []), table))
+    panels = {title: np.array([[mean(metric, d, n) for d in digits] for n in shown])
+              for metric, title in [("anomaly_auc", "AUROC, summed BCE"),
+                                    ("anomaly_auc_signed_score", "AUROC, signed score")]}
+    tasks.plot_heatmaps(panels, [f"{n} (ref)" if n in REFERENCE_ROWS else n for n in shown],
+                        [str(d) for d in digits], os.path.join(out_dir, "anomaly_digits.png"))
+    return text + "\n![AUROC by held-out digit, both scores](anomaly_digits.png)\n"
+
+
+def report_anomaly_latents(m, names, cfg):
+    """The article's digit at every latent size of the anomaly models."""
+    latents = cfg.get("anomaly_latents", [LATENT_ANOMALY])
+    if len(latents) < 2:
+        return ""
+    key = lambda metric, z: f"{metric}_digit_{ANOMALY_DIGIT}" + ("" if z == LATENT_ANOMALY else f"_z{z}")
+    cols = [(metric, z) for metric in ("anomaly_auc", "anomaly_auc_signed_score") for z in latents]
+    return (f"\n### Latent size\n\nHeld-out digit {ANOMALY_DIGIT}, the anomaly models trained at each "
+            "latent size (a separate training from the latent-20 models of the other tasks).\n\n"
+            + _table(["model"] + [f"{'AUROC' if metric == 'anomaly_auc' else 'AUROC signed'} z={z}"
+                                  for metric, z in cols],
+                     [[_label(n)] + [_fmt(m, key(metric, z), n, 3) for metric, z in cols]
+                      for n in _rows(m, [key("anomaly_auc", latents[-1])], names)]))
 
 
 def report_published(m, names):
@@ -1108,6 +1270,16 @@ def report_settings(results):
 
 # ---- helpers
 
+def _rows(m, metrics, names):
+    """The contestants, then each reference row (pca, raw pixels, ink) that has one of `metrics`."""
+    return names + [r for r in REFERENCE_ROWS if any(r in m.get(metric, {}) for metric in metrics)]
+
+
+def _label(name):
+    """A row's name; references in italics, so that they stand apart from the contestants."""
+    return f"*{name} (reference)*" if name in REFERENCE_ROWS else name
+
+
 def _fmt(m, metric, name, digits):
     """'mean ± std' (or 'mean' for one run) of a metric, blank when it was not measured."""
     if metric not in m or name not in m[metric]:
@@ -1139,9 +1311,9 @@ def _published_cells(m, metric, name, digits, relative=False, spread=True):
 
 def _compare_table(m, metric, names, article, digits, relative=False, spread=True):
     cols = ["model", "ours"] + (["published", "diff"] + (["within 2 std"] if spread else []) if article else [])
-    return _table(cols, [[n, _fmt(m, metric, n, digits)]
+    return _table(cols, [[_label(n), _fmt(m, metric, n, digits)]
                          + (_published_cells(m, metric, n, digits, relative, spread) if article else [])
-                         for n in names])
+                         for n in _rows(m, [metric], names)])
 
 
 def _table(header, rows):

@@ -9,7 +9,8 @@ writers, which write atomically (temp file + rename).
     linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te)   # test accuracy of a converged probe
 
 Sections:
-    metrics        ROC curve, AUROC, average precision, k-NN accuracy, Frechet distance (NumPy)
+    metrics        ROC curve, AUROC, average precision, ink and rank correlation, k-NN accuracy,
+                   Frechet distance (NumPy)
     probes         converged multinomial logistic regression (NumPy Newton), the article's
                    probe (a linear layer trained with Adam, torch), label budgets
     model tasks    reconstruction error, anomaly scores, interpolation, samples as numbers
@@ -150,6 +151,47 @@ def average_precision(labels, scores):
     precision = tps / (tps + fps)
     recall = tps / tps[-1]
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+# ---- metrics: rank correlation, and ink as the baseline anomaly score
+
+def ink(x):
+    """The stroke mass of each image, (N,): ink_i = sum_j x_ij (pixel intensities in [0, 1])."""
+    return np.asarray(x, dtype=np.float64).sum(1)
+
+
+def spearman(a, b):
+    """Spearman's rank correlation: the Pearson correlation of the two average-rank vectors.
+
+    rho = cov(rank(a), rank(b)) / (std(rank(a)) std(rank(b))); tied values share the mean of the
+    ranks they span, so rho is +1 / -1 exactly when one ordering determines the other.
+    Returns NaN, with a RuntimeWarning, when either input is constant (no ordering to compare).
+    """
+    ra, rb = _average_ranks(a), _average_ranks(b)
+    if len(ra) != len(rb) or len(ra) < 2:
+        raise ValueError(f"spearman needs two 1-D arrays of the same length >= 2, got {len(ra)} and {len(rb)}")
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra ** 2).sum() * (rb ** 2).sum())
+    if denominator == 0:
+        warnings.warn("rank correlation is undefined for a constant input; returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return float("nan")
+    return float((ra * rb).sum() / denominator)
+
+
+def _average_ranks(x):
+    """Ranks 1..n of x; a run of t tied values gets the mean of its t ranks."""
+    x = np.asarray(x, dtype=np.float64)
+    if x.ndim != 1 or not np.isfinite(x).all():
+        raise ValueError("rank correlation needs 1-D finite values; fix the scores (NaN/inf?)")
+    order = np.argsort(x, kind="mergesort")
+    sorted_x = x[order]
+    # each run of equal values: [start, end) in sorted order gets rank (start + 1 + end) / 2
+    starts = np.r_[0, np.flatnonzero(np.diff(sorted_x)) + 1]
+    ends = np.r_[starts[1:], len(x)]
+    ranks = np.empty(len(x))
+    ranks[order] = np.repeat((starts + 1 + ends) / 2, ends - starts)
+    return ranks
 
 
 # ---- metrics: nearest neighbours and Frechet distance
@@ -613,6 +655,24 @@ def plot_roc(curves_by_model, path):
     for ax in axes.ravel()[n:]:
         ax.axis("off")
     fig.tight_layout()
+    _savefig(fig, path)
+
+
+def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
+    """Side-by-side heatmaps with each cell's value written in it; panels = {title: (R, C) array}."""
+    plt = _pyplot()
+    n_rows, n_cols = len(row_names), len(col_names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(0.55 * n_cols * len(panels) + 2.5, 0.36 * n_rows + 1.4),
+                             squeeze=False)
+    for ax, (title, values) in zip(axes[0], panels.items()):
+        image = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
+        for (i, j), v in np.ndenumerate(values):   # dark text on light cells, white on the saturated
+            ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
+                    color="white" if abs(v - (vmin + vmax) / 2) > 0.3 * (vmax - vmin) else "black")
+        ax.set_xticks(range(n_cols), col_names, fontsize=8)
+        ax.set_yticks(range(n_rows), row_names, fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03)
     _savefig(fig, path)
 
 

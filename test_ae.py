@@ -1628,7 +1628,8 @@ def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys
     printed = capsys.readouterr().out
     assert printed.count("reused checkpoint") == 2          # the two finished before the kill
     run.main(_run_args(tiny_data, tmp_path))
-    assert capsys.readouterr().out.count("reused checkpoint") == 4   # nothing is trained again
+    # nothing is trained again: 2 contestants and the pca reference, at latent 20 and 2
+    assert capsys.readouterr().out.count("reused checkpoint") == 6
 
 
 @pytest.mark.parametrize("argv, match", [
@@ -1667,7 +1668,7 @@ def test_run_trainings_see_only_training_images_and_anomaly_runs_lack_their_clas
     real_fit, seen = ae.fit, []
 
     def spy(model, train_x, *args, **kwargs):
-        seen.append((model.latent_dim, np.asarray(train_x)))
+        seen.append((model.name, model.latent_dim, np.asarray(train_x)))
         return real_fit(model, train_x, *args, **kwargs)
 
     monkeypatch.setattr(ae, "fit", spy)
@@ -1675,16 +1676,17 @@ def test_run_trainings_see_only_training_images_and_anomaly_runs_lack_their_clas
     _, data = _tiny_run_data(tiny_data, "--quick")
     row_index = {row.tobytes(): i for i, row in enumerate(data["x_all"])}
     train = set(data["train_idx"].tolist())
-    missing_per_anomaly_run = []
-    for latent, x in seen:
+    missing_per_anomaly_run = {"shallow": [], "pca": []}   # the reference is fitted like the contestants
+    for name, latent, x in seen:
         idx = [row_index[row.tobytes()] for row in x]
         assert set(idx) <= train                    # no validation image ever trains
         digits = set(data["y_all"][idx].tolist())
         if latent == run.LATENT:
             assert digits == set(range(10))
         else:
-            missing_per_anomaly_run.append(set(range(10)) - digits)
-    assert sorted(map(sorted, missing_per_anomaly_run)) == [[1], [3]]   # each lacks its own class
+            missing_per_anomaly_run[name].append(set(range(10)) - digits)
+    for name, missing in missing_per_anomaly_run.items():
+        assert sorted(map(sorted, missing)) == [[1], [3]], name   # each lacks its own class
 
 
 def test_run_judge_trains_on_the_training_split_only(tiny_data, tmp_path, monkeypatch):
@@ -1837,7 +1839,7 @@ def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_p
     with _torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
         alone, _ = run.train_all(run.training_jobs(args1, data, str(tmp_path / "alone")), data, args1,
                                  torch.device("cpu"))
-    assert parallel.keys() == alone.keys() and len(alone) == 6
+    assert parallel.keys() == alone.keys() and len(alone) == 8   # 3 contestants + pca, 2 latents
     for key, (model, meta) in alone.items():
         other = parallel[key][0].state_dict()
         for name, tensor in model.state_dict().items():
