@@ -1755,6 +1755,261 @@ def test_run_baselines_as_published_trains_head_only_with_batchnorm_in_training_
     assert changed(frozen, before_frozen) <= {"linear.weight", "linear.bias"}
 
 
+# ---- references: pca, ink, rank correlation, and the anomaly sweep
+
+def _low_rank_pixels(n=300, rank=4, seed=0):
+    """Images in [0, 1] near a rank-4 subspace, so the top axes are well separated."""
+    rng = np.random.default_rng(seed)
+    basis = rng.normal(size=(rank, ae.INPUT_DIM)) * np.array([4.0, 3.0, 2.0, 1.0])[:rank, None]
+    x = 0.5 + 0.02 * rng.normal(size=(n, rank)) @ basis + 0.002 * rng.normal(size=(n, ae.INPUT_DIM))
+    return np.clip(x, 0, 1).astype(np.float32)
+
+
+def test_pca_axes_codes_and_reconstruction_match_an_svd():
+    x = _low_rank_pixels()
+    model = ae.build("pca", 3)
+    history = ae.fit(model, x, x[:50], progress=False)
+    assert len(history["val_loss"]) == 1 and history["seconds"] >= 0
+    # independent: the right singular vectors of the centred data (NumPy SVD, not an eigh of C)
+    xd = x.astype(np.float64)
+    mean = xd.mean(0)
+    _, sing, vt = np.linalg.svd(xd - mean, full_matrices=False)
+    axes = model.encoder.weight.detach().double().numpy()                       # (Z, D)
+    assert np.allclose(np.abs(np.sum(axes * vt[:3], axis=1)), 1, atol=1e-4)    # same axes up to sign
+    assert np.allclose(model.bottleneck.variance.numpy(), sing[:3] ** 2 / len(x), rtol=1e-4)
+    z = tasks.encode(model, x)
+    assert np.allclose(z, (xd - mean) @ axes.T, atol=1e-4)                      # z = V^T (x - m)
+    want = np.clip(mean + (xd - mean) @ vt[:3].T @ vt[:3], ae.PCA_EPS, 1 - ae.PCA_EPS)
+    assert np.allclose(tasks.reconstruct(model, x), want, atol=1e-4)
+    bce = -(xd * np.log(want) + (1 - xd) * np.log(1 - want)).sum(1)             # by hand, clipped
+    assert np.allclose(tasks.per_image_bce(model, x), bce, rtol=1e-4)
+    # the sign convention makes the fit reproducible: each axis's largest entry is positive
+    assert (axes[np.arange(3), np.abs(axes).argmax(1)] > 0).all()
+
+
+def test_pca_axes_do_not_depend_on_the_eigensolvers_signs(monkeypatch):
+    x = _low_rank_pixels()
+    model = ae.build("pca", 3)
+    ae.fit(model, x, x[:50], progress=False)
+    real = torch.linalg.eigh
+    monkeypatch.setattr(torch.linalg, "eigh", lambda c: (real(c)[0], -real(c)[1]))   # every sign flipped
+    flipped = ae.build("pca", 3)
+    ae.fit(flipped, x, x[:50], progress=False)
+    assert torch.allclose(flipped.encoder.weight, model.encoder.weight, atol=1e-6)
+
+
+def test_pca_eps_keeps_bce_finite_and_is_half_a_grey_level():
+    model = ae.build("pca", 2)
+    x = _low_rank_pixels(n=100)
+    ae.fit(model, x, x, progress=False)
+    far = torch.zeros(1, 2) + 1e3                          # a code far outside: reconstruction saturates
+    out = model.decode(far)
+    assert out.min() == pytest.approx(0.5 / 255) and out.max() == pytest.approx(1 - 0.5 / 255)
+
+
+def test_pca_samples_from_the_code_variances_and_checkpoints_round_trip(tmp_path):
+    x = _low_rank_pixels()
+    model = ae.build("pca", 3)
+    ae.fit(model, x, x[:50], progress=False)
+    ae.set_seed(0)
+    z = model.bottleneck.prior(20000, 3, "cpu")
+    assert np.allclose(z.std(0).numpy(), model.bottleneck.variance.sqrt().numpy(), rtol=0.03)
+    assert model.sample(4).shape == (4, ae.INPUT_DIM)
+    ae.save(model, tmp_path / "pca.pt")
+    loaded, _ = ae.load(tmp_path / "pca.pt")
+    assert np.array_equal(tasks.reconstruct(loaded, x), tasks.reconstruct(model, x))
+    assert not any(p.requires_grad for p in loaded.parameters())       # nothing for Adam to move
+
+
+def test_pca_needs_more_images_than_axes():
+    with pytest.raises(ValueError, match="more than 3 training images"):
+        ae.fit(ae.build("pca", 3), _low_rank_pixels(n=3), _low_rank_pixels(n=3), progress=False)
+    ae.fit(ae.build("pca", 3), _low_rank_pixels(n=4), _low_rank_pixels(n=4), progress=False)
+
+
+def _brute_ranks(x):
+    """rank_i = 1 + #(x_j < x_i) + (#(x_j == x_i) - 1) / 2, pair by pair."""
+    x = np.asarray(x, dtype=float)
+    return np.array([1 + (x < v).sum() + ((x == v).sum() - 1) / 2 for v in x])
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_spearman_against_brute_force_ranks(ties):
+    rng = np.random.default_rng(3)
+    a = rng.integers(0, 6, 80) if ties else rng.normal(size=80)
+    b = a + rng.normal(size=80) * 2
+    ra, rb = _brute_ranks(a), _brute_ranks(b)
+    assert np.array_equal(tasks._average_ranks(a), ra)
+    assert tasks.spearman(a, b) == pytest.approx(np.corrcoef(ra, rb)[0, 1], abs=1e-12)
+    if not ties:     # the classic formula holds without ties: 1 - 6 sum d^2 / (n (n^2 - 1))
+        n = len(a)
+        assert tasks.spearman(a, b) == pytest.approx(1 - 6 * ((ra - rb) ** 2).sum() / (n * (n * n - 1)))
+    assert tasks.spearman(a, -np.exp(a)) == pytest.approx(-1)     # any decreasing map: exactly -1
+
+
+def test_spearman_degenerate_inputs():
+    with pytest.warns(RuntimeWarning, match="constant"):
+        assert math.isnan(tasks.spearman([1, 1, 1], [1, 2, 3]))
+    with pytest.raises(ValueError, match="finite"):
+        tasks.spearman([1, np.nan, 2], [1, 2, 3])
+    with pytest.raises(ValueError, match="same length"):
+        tasks.spearman([1, 2, 3], [1, 2])
+
+
+def test_ink_is_the_summed_intensity():
+    x = np.zeros((3, ae.INPUT_DIM), np.float32)
+    x[1, :10], x[2, :] = 0.5, 1.0
+    assert np.array_equal(tasks.ink(x), [0.0, 5.0, 1024.0])
+
+
+class _ScoreStub(nn.Module):
+    """Stands in for an anomaly model: reconstructs x_hat = x * gain, so both scores are known."""
+
+    def __init__(self, gain):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(gain), requires_grad=False)
+
+    def forward(self, x):
+        return (x * self.gain).clamp(1e-6, 1 - 1e-6)
+
+
+def test_task_anomaly_positives_keys_ink_and_correlations():
+    rng = np.random.default_rng(0)
+    y = np.arange(300) % 10
+    x = (rng.random((300, ae.INPUT_DIM)) * (0.2 + 0.06 * y[:, None])).astype(np.float32)
+    data = {"x_test": x, "y_test": y}
+    anomaly = {(2, 1): {"a": _ScoreStub(0.9), "pca": _ScoreStub(0.5)},
+               (2, 3): {"a": _ScoreStub(0.7), "pca": _ScoreStub(0.5)},
+               (20, 1): {"a": _ScoreStub(0.3), "pca": _ScoreStub(0.5)}}
+    m, curves = run.task_anomaly(anomaly, data, seed=42)
+    ink = x.astype(np.float64).sum(1)
+    for (latent, digit), models in anomaly.items():
+        suffix = f"_digit_{digit}" + ("" if latent == 2 else f"_z{latent}")
+        for name, model in models.items():
+            x_hat = model(torch.from_numpy(x)).double().numpy()
+            bce = -(x * np.log(x_hat) + (1 - x) * np.log(1 - x_hat)).sum(1)
+            signed = (x_hat - x).sum(1)
+            assert m["anomaly_auc" + suffix][name] == pytest.approx(_pairwise_auc(y == digit, bce), abs=1e-6)
+            assert m["anomaly_auc_signed_score" + suffix][name] == pytest.approx(
+                _pairwise_auc(y == digit, signed), abs=1e-6)
+            assert m["anomaly_ink_spearman" + suffix][name] == pytest.approx(tasks.spearman(bce, ink), abs=1e-6)
+        # ink ranks low ink as anomalous, whatever the model
+        assert m["anomaly_auc" + suffix]["ink"] == pytest.approx(_pairwise_auc(y == digit, -ink))
+        assert "anomaly_ink_spearman" + suffix not in m or "ink" not in m["anomaly_ink_spearman" + suffix]
+    # the headline keys are the article's setting: digit 1 at latent 2, never latent 20 or digit 3
+    for metric in ("anomaly_auc", "anomaly_auc_signed_score", "anomaly_auprc", "anomaly_ink_spearman"):
+        assert m[metric] == m[metric + "_digit_1"]
+    assert set(curves) == {"a", "pca", "ink"} and len(curves["ink"]) == 1
+
+
+def _pairwise_auc(labels, scores):
+    pos, neg = scores[labels], scores[~labels]
+    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
+
+
+def test_anomaly_latents_option_and_separate_checkpoints(tiny_data):
+    args, data = _tiny_run_data(tiny_data, "--models", "shallow", "--anomaly-latents", "20")
+    assert args.anomaly_latents == [2, 20]
+    jobs = run.training_jobs(args, data, "out")
+    by_key = {run._key(j): j for j in jobs}
+    assert set(by_key) == {(n, z, 42, d) for n in ("shallow", "pca")
+                           for z, d in [(20, None), (2, 1), (20, 1)]}
+    full, held_out = by_key["shallow", 20, 42, None], by_key["shallow", 20, 42, 1]
+    assert full["path"] != held_out["path"]                    # never one checkpoint for both
+    assert 1 in data["y_all"][full["idx"]] and 1 not in data["y_all"][held_out["idx"]]
+    assert set(data["y_all"][held_out["idx"]]) == set(range(10)) - {1}
+    for bad in ("0", "x", "2,600"):
+        with pytest.raises(SystemExit, match="--anomaly-latents"):
+            run.parse_args(["--anomaly-latents", bad])
+
+
+def _claim(s, claim, names=tuple(ae.MODELS), digits=(1,)):
+    check = next(c for text, _, c in run.CLAIMS if text.startswith(claim))
+    return check(s, list(names), list(digits))
+
+
+def test_claim_pca_first_try_margin_both_sides():
+    base = {n: 0.5 for n in ae.MODELS}
+    for pca, holds in [(0.9 - run.CLEAR_MARGIN, True), (0.9 - run.CLEAR_MARGIN - 1e-6, False)]:
+        s = {"anomaly_auc": {**base, "vq": 0.9, "pca": pca}}
+        assert _claim(s, "PCA is a good first try for anomaly detection: within 0.02 of the best "
+                         "contestant (summed BCE)")[0] is holds
+
+
+def test_claim_signed_score_is_ink_threshold_and_majority():
+    names = list(ae.MODELS)
+    for n_strong, rho, holds in [(5, run.INK_STRONG, True), (4, run.INK_STRONG, False),
+                                 (5, run.INK_STRONG - 1e-6, False), (9, -0.95, True)]:
+        s = {"anomaly_ink_spearman_signed_score": {n: (rho if i < n_strong else 0.1)
+                                                   for i, n in enumerate(names)}}
+        assert _claim(s, "(ours) The signed score mostly measures ink")[0] is holds
+
+
+def test_claim_anomaly_order_every_digit_needs_all_of_them():
+    names, digits = list(ae.MODELS), list(range(10))
+    good = {n: 0.9 if n == "shallow" else 0.8 if n == "stacked" else 0.5 for n in names}
+    bad = {**good, "vq": 0.95}
+    for n_good, holds in [(10, True), (9, False), (0, False)]:
+        s = {f"anomaly_auc_digit_{d}": good if d < n_good else bad for d in digits}
+        ok, evidence = _claim(s, "The anomaly order (shallow best, stacked second) is stable for every "
+                                 "held-out digit (summed BCE)", digits=digits)
+        assert ok is holds and f"holds for {n_good} of 10 digits" in evidence
+    assert _claim({}, "The anomaly order (shallow best, stacked second) is stable for every "
+                      "held-out digit (summed BCE)", digits=[1]) is None       # not run: one digit
+
+
+def test_claim_anomaly_order_every_latent():
+    names = list(ae.MODELS)
+    good = {n: 0.9 if n == "shallow" else 0.8 if n == "stacked" else 0.5 for n in names}
+    claim = "The anomaly order is stable across latent sizes (held-out 1; summed BCE)"
+    assert _claim({"anomaly_auc_digit_1": good}, claim) is None                 # one latent size: not run
+    assert _claim({"anomaly_auc_digit_1": good, "anomaly_auc_digit_1_z20": good}, claim)[0] is True
+    swapped = {**good, "stacked": 0.95}
+    assert _claim({"anomaly_auc_digit_1": good, "anomaly_auc_digit_1_z20": swapped}, claim)[0] is False
+
+
+def test_claim_beat_pixels_majority_both_sides():
+    names = list(ae.MODELS)
+    for n_above, holds in [(5, True), (4, False)]:
+        s = {"probe_accuracy": {**{n: 0.9 if i < n_above else 0.8 for i, n in enumerate(names)},
+                                "pixels": 0.85}}
+        assert _claim(s, "(ours) Autoencoder features beat raw pixels with 550 labels: most "
+                         "contestants above them (converged probe)")[0] is holds
+
+
+@pytest.mark.slow
+def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_path):
+    run.main(["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1",
+              "--models", "shallow", "--quick", "--jobs", "1", "--anomaly-digits", "0,3",
+              "--anomaly-latents", "2,20"])
+    out = tmp_path / "mnist"
+    results = json.loads((out / "results.json").read_text())
+    m = results["metrics"]
+    _, data = _tiny_run_data(tiny_data, "--quick")
+    ckpt = {row["training"]: out / "checkpoints" / row["checkpoint"] for row in results["trainings"]}
+    # every number of the sweep: recomputed from the checkpoint trained without that digit
+    for name in ("shallow", "pca"):
+        for latent, digit in [(2, 0), (2, 1), (2, 3), (20, 1)]:
+            model, meta = ae.load(ckpt[f"{name} z={latent} seed 42 w/o {digit}"])
+            assert meta["settings"]["held_out_digit"] == digit and meta["settings"]["latent_dim"] == latent
+            bce, signed = tasks.anomaly_scores(model, data["x_test"])
+            suffix = f"_digit_{digit}" + ("" if latent == 2 else "_z20")
+            positives = data["y_test"] == digit
+            assert m["anomaly_auc" + suffix][name]["mean"] == pytest.approx(tasks.roc_auc(positives, bce))
+            assert m["anomaly_auc_signed_score" + suffix][name]["mean"] == pytest.approx(
+                tasks.roc_auc(positives, signed))
+    # REPORT.md and the heatmap come from results.json alone
+    report = (out / "REPORT.md").read_text()
+    assert "### Every held-out digit" in report and "### Latent size" in report
+    assert f"{m['anomaly_auc_digit_7']['pca']['mean']:.3f}" in report
+    (out / "REPORT.md").unlink()
+    (out / "anomaly_digits.png").unlink()
+    run.write_report(results, str(out))
+    assert (out / "REPORT.md").read_text() == report and (out / "anomaly_digits.png").exists()
+    rows = [r for r in run.audit(m, ["shallow"], [0, 1, 3]) if r[0].startswith("PCA is a good first try")]
+    assert len(rows) == 2 and all("means over 3 digits" in r[2] for r in rows)
+
+
 # ---- run.py: the audit counts seeds
 
 def test_audit_verdicts_count_the_seeds():
