@@ -152,9 +152,11 @@ def parse_args(argv=None):
     if unknown or not args.models:
         p.error(f"unknown model(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(ae.MODELS)}")
-    for flag in ("epochs", "seeds", "batch_size", "jobs"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, least in (("epochs", 1), ("seeds", 1), ("batch_size", 2), ("jobs", 1)):   # BatchNorm: 2
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be a positive number, got {args.lr}")
     args.anomaly_digits = _digits(p, args.anomaly_digits)
     return args
 
@@ -506,11 +508,12 @@ def _worker(args, device, threads, jobs_q, events, parent):
                 train_one(job, data, torch.device(device), report)
             except (FloatingPointError, ValueError, OSError) as err:   # OSError: disk full, say
                 events.put(("error", job["label"], str(err)))
-                return
+                break
             except Exception:
                 events.put(("error", job["label"], traceback.format_exc()))
-                return
+                break
             events.put(("done", job["label"], None))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # nothing left to save: SIGTERM may cut the teardown
     except _Stop:
         # unwound; now leave at once: no flush of events run.py no longer reads, and none of the
         # interpreter's teardown, which takes seconds on a busy machine

@@ -1635,6 +1635,9 @@ def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys
     (["--dataset", "cifar"], "unknown dataset"),
     (["--models", "vanilla,gan"], "unknown model"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
     (["--anomaly-digits", "12"], "anomaly-digits"),
 ])
 def test_run_bad_arguments_one_line(argv, match, capsys):
@@ -1894,18 +1897,22 @@ def test_run_parallel_killed_stops_workers_and_resumes(tiny_data, tmp_path, how)
     proc = subprocess.Popen([sys.executable, "run.py", *argv], cwd=os.path.dirname(run.__file__),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    folder, deadline = tmp_path / "mnist" / "checkpoints", time.time() + 300   # a busy machine
-    while not (folder.exists() and list(folder.glob("*.pt"))) and time.time() < deadline:
-        time.sleep(0.05)
-    assert list(folder.glob("*.pt")), "no training finished within 300 s"
-    children = _children(proc.pid)
-    assert len(children) >= 3                       # the two training processes and a tracker
-    sent = time.time()
-    if how == "SIGKILL":
-        proc.kill()
-    else:                                           # to the process group, as a terminal does
-        os.killpg(proc.pid, signal.SIGINT if how == "Ctrl-C" else signal.SIGTERM)
-    stderr = proc.communicate(timeout=60)[1]        # returns once every holder of stderr is gone
+    try:
+        folder, deadline = tmp_path / "mnist" / "checkpoints", time.time() + 300   # a busy machine
+        while not (folder.exists() and list(folder.glob("*.pt"))) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(folder.glob("*.pt")), "no training finished within 300 s"
+        children = _children(proc.pid)
+        assert len(children) >= 3                   # the two training processes and a tracker
+        sent = time.time()
+        if how == "SIGKILL":
+            proc.kill()
+        else:                                       # to the process group, as a terminal does
+            os.killpg(proc.pid, signal.SIGINT if how == "Ctrl-C" else signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1]    # returns once every holder of stderr is gone
+    finally:                                        # a failed check leaves no run behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     deadline = time.time() + 2                      # a worker checks on its parent every 0.5 s
     while not all(_gone(c) for c in children) and time.time() < deadline:
         time.sleep(0.05)
