@@ -323,7 +323,7 @@ print(json.dumps(runs))
 
 
 def missing_packages(modules):
-    """The pip names of the optional comparison libraries, {module: pip name}, not installed."""
+    """Of `modules` ({module: pip name}), the pip names of those that are not installed."""
     return [pip for module, pip in modules.items() if importlib.util.find_spec(module) is None]
 
 

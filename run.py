@@ -6,7 +6,8 @@
     python run.py --seeds 3 --anomaly-digits all   # error bars and the one-vs-rest anomaly sweep
     python run.py --jobs 1                         # one training at a time (default: one per core)
 
-Writes <out>/<dataset>/results.json, REPORT.md and the figures beside it. Finished trainings are
+Writes <out>/<dataset>/results.json, REPORT.md and the figures beside it (<out>: runs, or
+runs/quick with --quick; the committed reports are in results). Finished trainings are
 kept as checkpoints (with the settings that produced them) and reused when run.py runs again with
 the same settings, so an interrupted run continues where it stopped.
 
