@@ -26,7 +26,8 @@ jobs: run.py's parallel trainings. N trainings of vanilla at latent 20 (seeds 42
   Prints both wall times and their ratio, and the thread scaling of one training (an epoch with
   1 thread against one with every thread).
 
-umap: umap_lite against umap-learn (optional: pip install umap-learn scikit-learn) on the 20-d
+umap: umap_lite against umap-learn (optional: pip install umap-learn scikit-learn; without them
+  the section is skipped with one line naming what is missing) on the 20-d
   codes of the 10,000 test images from a vanilla autoencoder trained for 3 epochs:
   trustworthiness (k = 15), 5-fold 10-NN accuracy of the map, wall time (umap-learn cold and
   warm), peak extra memory, then umap_lite on the 60,000 training codes; both maps side by side
@@ -37,6 +38,7 @@ on a busy machine the numbers are noisy, so check the load (uptime) first.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -62,6 +64,7 @@ BATCH_SIZE = 256
 PAD = 2  # 28x28 -> 32x32
 PROTOCOL_EPOCHS = 60
 REPEATS = 3  # timed epochs per measurement; the median is reported
+BUSY_LOAD = 0.5  # a load average above this means another process competes for the cores
 
 # ---- data
 
@@ -289,6 +292,7 @@ UMAP_AE_EPOCHS = 3        # a few epochs already give the codes their digit clus
 UMAP_SEED = 0             # for the autoencoder and both UMAPs (umap-learn then runs on one thread)
 UMAP_PNG = "results/umap_compare.png"
 UMAP_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072"}  # buffers over 128 KiB go back to the OS when freed
+UMAP_NEEDS = {"sklearn": "scikit-learn", "umap": "umap-learn"}  # optional: module -> pip name
 
 # Runs in a fresh process. argv: codes.npy, out prefix, seed, then "umap_lite" or umap-learn
 # inits; prints a JSON list of {seconds, peak_mb}, one per call, and saves each map.
@@ -318,7 +322,17 @@ print(json.dumps(runs))
 """
 
 
+def missing_packages(modules):
+    """Of `modules` ({module: pip name}), the pip names of those that are not installed."""
+    return [pip for module, pip in modules.items() if importlib.util.find_spec(module) is None]
+
+
 def bench_umap(args, device=None):
+    missing = missing_packages(UMAP_NEEDS)
+    if missing:
+        print(f"skipped: the umap comparison needs {' and '.join(missing)} "
+              f"(pip install {' '.join(missing)})")
+        return
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
@@ -441,6 +455,10 @@ def main():
     parser.add_argument("--umap-png", default=UMAP_PNG, help="where the umap section draws both maps")
     args = parser.parse_args()
     device = ae.pick_device(args.device)
+    load = os.getloadavg()[0]
+    if load > BUSY_LOAD:
+        print(f"warning: load average {load:.1f}: other processes are running, so these timings "
+              "are slow and noisy (torch's threads wait for each other on a busy machine)")
     for name, section in SECTIONS.items():
         if args.only in (name, "all"):
             print(f"== {name}")

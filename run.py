@@ -6,7 +6,8 @@
     python run.py --seeds 3 --anomaly-digits all   # error bars and the one-vs-rest anomaly sweep
     python run.py --jobs 1                         # one training at a time (default: one per core)
 
-Writes <out>/<dataset>/results.json, REPORT.md and the figures beside it. Finished trainings are
+Writes <out>/<dataset>/results.json, REPORT.md and the figures beside it (<out>: runs, or
+runs/quick with --quick; the committed reports are in results). Finished trainings are
 kept as checkpoints (with the settings that produced them) and reused when run.py runs again with
 the same settings, so an interrupted run continues where it stopped.
 
@@ -32,9 +33,11 @@ import os
 import pathlib
 import platform
 import queue
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -59,6 +62,8 @@ ANOMALY_DIGIT = 1               # the article's held-out class
 CLEAR_MARGIN = 0.02             # audit: a lead in confidence smaller than this is no lead
 INK_STRONG = 0.7                # audit: |rank correlation| with ink from which a score "measures ink":
                                 # rho^2 ~ 0.5, ink alone orders half the variance of the score's ranks
+SAME_TIME_RATIO = 1.25          # audit: training times within this factor count as "about equal"
+EVIDENCE_MAX_DIGITS = 6         # audit evidence: decimals enough for any two float32-derived values
 VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can sample or give mu
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
@@ -93,6 +98,18 @@ WATCH_PARENT_S = 0.5            # how often a worker checks that run.py is still
 # Rows of the report that are not contestants: closed-form pca, the raw pixels (classification) and
 # ink, each image's summed intensity (anomaly detection). No claim about "the contestants" ranks them.
 REFERENCE_ROWS = tuple(ae.REFERENCES) + ("pixels", "ink")
+# The tasks run on one torch thread: their small steps (the article's probe trains on batches of
+# 32) gain little from a second one, and where anything else runs, threads that wait for each
+# other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: plan_jobs.
+TASK_THREADS = 1
+STOP_S = 2                      # a worker gets this long to leave after SIGTERM, then SIGKILL
+LINE_WIDTH = 80                 # the status line never grows wider than a classic terminal
+# the settings a report stands for: a report made with others is not replaced without --replace
+REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "anomaly_digits",
+                   "anomaly_latents", "quick")
+OUT, QUICK_OUT = "runs", os.path.join("runs", "quick")   # git-ignored; results/ is written only on request
+DEAD_SPAN = 1e-6                # a latent unit spanning less than this of the widest one's range is
+                                # constant: far below one pixel of any map
 FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
                    "sneaker", "bag", "boot"]
 
@@ -110,7 +127,11 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default=None,
                    help="folder holding the four IDX files (default: data/<dataset>)")
     p.add_argument("--no-download", action="store_true", help="fail instead of downloading")
-    p.add_argument("--out", default="results", help="output folder (default: results)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default: {OUT}, or {QUICK_OUT} with --quick; the committed "
+                        "reports are in results)")
+    p.add_argument("--replace", action="store_true",
+                   help="replace a report in --out that was made with other settings")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default {EPOCHS}, or {QUICK['epochs']} with --quick")
     p.add_argument("--models", default=",".join(ae.MODELS), help="comma list (default: all nine)")
@@ -121,7 +142,8 @@ def parse_args(argv=None):
     p.add_argument("--jobs", type=int, default=None,
                    help="trainings at once, each in its own process (default: one per core)")
     p.add_argument("--anomaly-digits", default=str(ANOMALY_DIGIT),
-                   help="held-out digit(s) for the anomaly sweep: a comma list or 'all'")
+                   help=f"held-out digit(s) for the anomaly sweep: a comma list or 'all' "
+                        f"(digit {ANOMALY_DIGIT}, the article's, always runs)")
     p.add_argument("--anomaly-latents", default=str(LATENT_ANOMALY),
                    help=f"latent size(s) of the anomaly models, e.g. {LATENT_ANOMALY},{LATENT}: each "
                         f"size beyond {LATENT_ANOMALY} is trained without digit {ANOMALY_DIGIT} only")
@@ -131,6 +153,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.epochs is None:
         args.epochs = QUICK["epochs"] if args.quick else EPOCHS
+    if args.out is None:
+        args.out = QUICK_OUT if args.quick else OUT
     if args.dataset not in DATASETS:
         p.error(f"unknown dataset {args.dataset!r}; choose one of {', '.join(DATASETS)}")
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -138,9 +162,11 @@ def parse_args(argv=None):
     if unknown or not args.models:
         p.error(f"unknown model(s) {', '.join(unknown) or '(none given)'}; "
                 f"choose from {', '.join(ae.MODELS)}")
-    for flag in ("epochs", "seeds", "batch_size", "jobs"):
-        if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1, got {getattr(args, flag)}")
+    for flag, least in (("epochs", 1), ("seeds", 1), ("batch_size", 2), ("jobs", 1)):   # BatchNorm: 2
+        if getattr(args, flag) is not None and getattr(args, flag) < least:
+            p.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
+    if not 0 < args.lr < float("inf"):
+        p.error(f"--lr must be a positive number, got {args.lr}")
     args.anomaly_digits = _digits(p, args.anomaly_digits)
     try:
         args.anomaly_latents = sorted({int(z) for z in args.anomaly_latents.split(",")} | {LATENT_ANOMALY})
@@ -163,6 +189,57 @@ def _digits(p, text):
     if not digits or not all(0 <= d <= 9 for d in digits):
         p.error(f"--anomaly-digits takes digits 0-9 separated by commas or 'all', got {text!r}")
     return sorted(digits | {ANOMALY_DIGIT})
+
+
+# ---- checks before any work: each failure is one line, and nothing is written before them
+
+def preflight(args):
+    """The device, then the output folder and the report it may hold; returns the device.
+
+    The data comes next (load_data checks it); training starts only once all of them pass.
+    """
+    try:
+        device = ae.pick_device(args.device)
+    except ValueError as err:
+        sys.exit(f"run.py: error: --device: {err}")
+    out_dir = os.path.join(args.out, args.dataset)
+    _check_writable(out_dir)
+    _check_replace(out_dir, args)
+    return device
+
+
+def _check_writable(folder):
+    """Exit with one line unless `folder` is, or can become, a folder this process can write."""
+    existing = folder
+    while not os.path.isdir(existing):      # the nearest folder that exists; nothing is made yet
+        if os.path.exists(existing):
+            sys.exit(f"run.py: error: --out: {existing} is a file, not a folder; choose another --out")
+        existing = os.path.dirname(existing) or "."
+    try:    # writing is the only sure test: permission bits lie for root and on read-only mounts
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        sys.exit(f"run.py: error: --out: cannot write in {existing} ({err.strerror or err}); "
+                 "choose another --out")
+
+
+def _check_replace(out_dir, args):
+    """Exit with one line if out_dir holds a report made with other settings, unless --replace."""
+    path = os.path.join(out_dir, "results.json")
+    if args.replace or not os.path.exists(path):
+        return
+    try:
+        before = json.loads(pathlib.Path(path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        sys.exit(f"run.py: error: {path} cannot be read as a report; choose another --out, or "
+                 "pass --replace to replace it")
+    now = {**vars(args), "seeds": seeds_of(args)}
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    changed = [f"{k} {show(before.get(k))} -> {show(now[k])}" for k in REPORT_SETTINGS
+               if before.get(k) != now[k]]
+    if changed:
+        sys.exit(f"run.py: error: {out_dir} holds a report made with other settings "
+                 f"({'; '.join(changed)}); choose another --out, or pass --replace to replace it")
 
 
 # ---- data
@@ -241,6 +318,7 @@ def train_all(jobs, data, args, device):
     else:
         print(f"training {len(todo)} models, {n_jobs} at a time, {threads} thread(s) each", flush=True)
         train_in_workers(todo, args, device, n_jobs, threads, progress)
+    STATUS.end()
     trained = {_key(job): ae.load(job["path"], device=device) for job in jobs}
     return trained, {"jobs": n_jobs, "threads_per_job": threads}
 
@@ -282,12 +360,11 @@ class Progress:
     def __init__(self, jobs):
         self.work = {job["label"]: job["work"] for job in jobs}
         self.flying, self.done_work, self.n_done = {}, 0.0, 0
-        self.start, self.tty = time.perf_counter(), sys.stdout.isatty()
+        self.start = time.perf_counter()
 
     def epoch(self, label, info):
         self.flying[label] = info
-        if self.tty or info["epoch"] % 10 == 0:
-            self.show()
+        self.show(log=info["epoch"] % 10 == 0)      # a log file gets every 10th epoch
 
     def finished(self, label):
         self.flying.pop(label, None)
@@ -295,22 +372,52 @@ class Progress:
         self.n_done += 1
         self.show()
 
-    def show(self):
+    def show(self, log=True):
         done = self.done_work + sum(self.work[label] * info["epoch"] / info["epochs"]
                                     for label, info in self.flying.items())
         elapsed = time.perf_counter() - self.start
         eta = _hms(elapsed / done * (sum(self.work.values()) - done)) if done else "?"
-        flying = "; ".join(f"{label} epoch {info['epoch']}/{info['epochs']} val {info['val_loss']:.2f}"
+        flying = "; ".join(f"{label} {info['epoch']}/{info['epochs']} val {info['val_loss']:.1f}"
                            for label, info in self.flying.items())
-        line = f"[{self.n_done}/{len(self.work)} trained] {flying or '-'} | ETA {eta}"
-        print("\r" + line.ljust(110) if self.tty else line, end="" if self.tty else "\n", flush=True)
+        STATUS.show(f"{self.n_done}/{len(self.work)} trained | {flying or '-'}", f" | ETA {eta}", log)
+
+
+class StatusLine:
+    """The one line of status run.py keeps: on a terminal it is rewritten in place, never wider
+    than LINE_WIDTH (or the terminal), and ended before anything else prints; a log file gets
+    whole lines instead."""
+
+    def __init__(self):
+        self.shown = 0              # length of the line now open on the terminal (0: none)
+        self.task = ""              # the task under way, for _Announced
+
+    def show(self, text, tail="", log=True):
+        width = min(LINE_WIDTH, shutil.get_terminal_size().columns) - 1   # the last column wraps
+        if len(text) + len(tail) > width:
+            text = text[:max(0, width - len(tail) - 1)] + "~"
+        line = text + tail
+        if sys.stdout.isatty():
+            print("\r" + line.ljust(self.shown), end="", flush=True)
+            self.shown = len(line)
+        elif log:
+            print(line, flush=True)
+
+    def end(self):
+        """End the open line, so that the next output starts on a line of its own."""
+        if self.shown:
+            print(flush=True)
+            self.shown = 0
+
+
+STATUS = StatusLine()
 
 
 def _train_or_exit(job, data, device, progress):
     try:
         train_one(job, data, device, lambda info: progress.epoch(job["label"], info))
-    except (FloatingPointError, ValueError) as err:
-        sys.exit(f"\nrun.py: error: {job['label']}: {err}")
+    except (FloatingPointError, ValueError, OSError) as err:
+        STATUS.end()
+        sys.exit(f"run.py: error: {job['label']}: {err}")
     progress.finished(job["label"])
 
 
@@ -337,8 +444,10 @@ def train_in_workers(todo, args, device, n_jobs, threads, progress):
     """Train `todo` in n_jobs processes; each loads the data itself and takes jobs from a queue.
 
     Workers report epochs, completions and failures on a second queue. A failure stops the run
-    with its one-line message; Ctrl-C, or the end of run.py in any way, stops the workers (they
-    watch their parent), and a killed worker leaves at most a temp file, never a checkpoint.
+    with its one-line message. However run.py ends (done, failure, Ctrl-C, SIGTERM), the workers
+    get SIGTERM, on which they delete a half-written checkpoint and leave, and whatever is still
+    queued is dropped, not flushed into a pipe nobody reads. If run.py itself is killed, the
+    workers notice that their parent is gone and leave too.
     """
     ctx = multiprocessing.get_context("spawn")   # fork is unsafe with torch's thread pools and CUDA
     jobs_q, events = ctx.Queue(), ctx.Queue()
@@ -346,11 +455,18 @@ def train_in_workers(todo, args, device, n_jobs, threads, progress):
         jobs_q.put({k: job[k] for k in ("settings", "idx", "label", "path")})
     for _ in range(n_jobs):
         jobs_q.put(None)                         # one stop sign per worker
-    workers = [ctx.Process(target=_worker, args=(args, str(device), threads, jobs_q, events),
-                           daemon=True) for _ in range(n_jobs)]
-    for w in workers:
-        w.start()
+    workers = [ctx.Process(target=_worker, args=(args, str(device), threads, jobs_q, events,
+                                                 os.getpid()), daemon=True) for _ in range(n_jobs)]
+    # a worker is born with Ctrl-C and SIGTERM blocked (the mask survives exec), so a signal
+    # during its start-up is held until _worker has its handlers; run.py gets its own at once after
+    stop = {signal.SIGINT, signal.SIGTERM}
     try:
+        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
+        try:
+            for w in workers:
+                w.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
         n_done = 0
         while n_done < len(todo):
             kind, label, payload = _next_event(events, workers)
@@ -360,10 +476,23 @@ def train_in_workers(todo, args, device, n_jobs, threads, progress):
                 n_done += 1
                 progress.finished(label)
             else:
-                sys.exit(f"\nrun.py: error: {label}: {payload}")
+                STATUS.end()
+                sys.exit(f"run.py: error: {label}: {payload}")
     finally:
-        for w in workers:
-            w.terminate()
+        _stop_workers(workers, jobs_q)
+
+
+def _stop_workers(workers, jobs_q):
+    """SIGTERM every worker, SIGKILL those still there after STOP_S; drop the unsent jobs."""
+    jobs_q.cancel_join_thread()     # else exit waits to push them into a pipe nobody reads
+    workers = [w for w in workers if w.pid is not None]   # started ones only
+    for w in workers:
+        w.terminate()
+    deadline = time.time() + STOP_S
+    for w in workers:
+        w.join(max(0.0, deadline - time.time()))
+        if w.exitcode is None:      # still starting up (signals held) or stuck in a torch call
+            w.kill()
             w.join()
 
 
@@ -380,29 +509,43 @@ def _next_event(events, workers):
                 return "error", "worker", "the training processes ended before every training was done"
 
 
-def _worker(args, device, threads, jobs_q, events):
+class _Stop(BaseException):
+    """SIGTERM in a worker: unwinds the training, so that ae.save deletes a half-written file."""
+
+
+def _worker(args, device, threads, jobs_q, events, parent):
     """A training process: takes jobs until a stop sign, reports every epoch to run.py."""
+    def stop(signum, frame):
+        raise _Stop
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches every process; run.py decides
-    _exit_with_parent()
-    torch.set_num_threads(threads)
-    data = load_data(args)
-    for job in iter(jobs_q.get, None):
-        report = lambda info, label=job["label"]: events.put(("epoch", label, info))
-        try:
-            train_one(job, data, torch.device(device), report)
-        except (FloatingPointError, ValueError) as err:
-            events.put(("error", job["label"], str(err)))
-            return
-        except Exception:
-            events.put(("error", job["label"], traceback.format_exc()))
-            return
-        events.put(("done", job["label"], None))
+    signal.signal(signal.SIGTERM, stop)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+    _exit_with_parent(parent)
+    try:
+        torch.set_num_threads(threads)
+        data = load_data(args)
+        for job in iter(jobs_q.get, None):
+            report = lambda info, label=job["label"]: events.put(("epoch", label, info))
+            try:
+                train_one(job, data, torch.device(device), report)
+            except (FloatingPointError, ValueError, OSError) as err:   # OSError: disk full, say
+                events.put(("error", job["label"], str(err)))
+                break
+            except Exception:
+                events.put(("error", job["label"], traceback.format_exc()))
+                break
+            events.put(("done", job["label"], None))
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # nothing left to save: SIGTERM may cut the teardown
+    except _Stop:
+        # unwound; now leave at once: no flush of events run.py no longer reads, and none of the
+        # interpreter's teardown, which takes seconds on a busy machine
+        os._exit(128 + signal.SIGTERM)
 
 
-def _exit_with_parent():
-    """End this process as soon as its parent is gone: even SIGKILL of run.py stops the workers."""
-    parent = os.getppid()
-
+def _exit_with_parent(parent):
+    """End this process as soon as run.py (pid `parent`) is gone: even SIGKILL of run.py stops
+    the workers, also one that was still starting when run.py died."""
     def watch():
         while os.getppid() == parent:
             time.sleep(WATCH_PARENT_S)
@@ -416,8 +559,9 @@ def _exit_with_parent():
 def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     """All tasks for one seed; returns {metric: {model: value}} and, for the first seed, figures."""
     names = args.models + list(ae.REFERENCES)      # the contestants, then the references
-    models = {n: trained[(n, LATENT, seed, None)][0] for n in names}
-    anomaly = {(z, d): {n: trained[(n, z, seed, d)][0] for n in names} for z, d in anomaly_trainings(args)}
+    models = _Announced({n: trained[(n, LATENT, seed, None)][0] for n in names})
+    anomaly = {(z, d): _Announced({n: trained[(n, z, seed, d)][0] for n in names})
+               for z, d in anomaly_trainings(args)}
     m = {"training_seconds": {n: trained[(n, LATENT, seed, None)][1]["history"]["seconds"]
                               for n in names}}
     figs = {}
@@ -429,13 +573,24 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
              ("latent", lambda: task_latent_structure(models, anomaly[LATENT_ANOMALY, ANOMALY_DIGIT], data, seed,
                                                       args.quick, out_dir if first else None))]
     for step, task in steps:
-        t = time.time()
+        t, STATUS.task = time.time(), f"seed {seed}: {step}"
+        STATUS.show(f"{STATUS.task} ...")
         metrics, figs[step] = task()
         m.update(metrics)
-        print(f"  seed {seed}: {step} ({time.time() - t:.0f} s)", flush=True)
+        STATUS.show(f"{STATUS.task} ({time.time() - t:.0f} s)")
+        STATUS.end()
     if first:
         write_figures(figs, data, args, out_dir)
     return m
+
+
+class _Announced(dict):
+    """{name: model} whose items() names, on the status line, the model the task is at."""
+
+    def items(self):
+        for i, (name, model) in enumerate(super().items(), 1):
+            STATUS.show(f"{STATUS.task}: {name} ({i}/{len(self)})", log=False)
+            yield name, model
 
 
 def task_reconstruction(models, data, seed):
@@ -596,12 +751,24 @@ def task_latent_structure(models, models_z2, data, seed, quick, map_dir=None):
         emb = cached_embedding(map_dir, name, z_map, seed, QUICK["umap_epochs"] if quick else None)
         trust = float(umap_lite.trustworthiness(z_map, emb, k=15))
         m.setdefault("umap_trustworthiness", {})[name] = trust
-        figs["maps20"][name], figs["notes20"][name] = emb, f"trust(15) {trust:.3f} | 10-NN 20-d {knn:.3f}"
+        figs["maps20"][name] = emb
+        figs["notes20"][name] = f"trust(15) {trust:.3f} | 10-NN 20-d {knn:.3f}" + _dead_units_note(z_map)
         ae.set_seed(seed)
         z2 = tasks.encode(models_z2[name], data["x_test"][:n_map])             # (n_map, 2)
         knn2 = np.mean(tasks.knn_predict(z2, y_map, z2, k=10, exclude_self=True) == y_map)
-        figs["maps2"][name], figs["notes2"][name] = z2, f"10-NN {knn2:.3f}"
+        figs["maps2"][name], figs["notes2"][name] = z2, f"10-NN {knn2:.3f}" + _dead_units_note(z2)
     return m, figs
+
+
+def _dead_units_note(z):
+    """' | k of Z units constant' for a panel whose codes z (N, Z) have units that never vary.
+
+    A unit counts as constant when its range over the images is below DEAD_SPAN of the widest
+    unit's: a dead ReLU unit (always 0) turns a latent-2 map into a line.
+    """
+    spans = np.ptp(z, axis=0)                                               # (Z,)
+    dead = int(np.sum(spans <= DEAD_SPAN * max(float(spans.max()), np.finfo(np.float32).tiny)))
+    return f" | {dead} of {z.shape[1]} units constant" if dead else ""
 
 
 def _codes(model, data, seed, sample):
@@ -676,7 +843,8 @@ def write_figures(figs, data, args, out_dir):
     budgets = sorted({b for c in curves.values() for b in c})
     if budgets:
         tasks.plot_label_budget(budgets, {n: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
-                                          for n, c in curves.items()}, at("label_budgets.png"))
+                                          for n, c in curves.items()}, at("label_budgets.png"),
+                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS)
 
 
 def _device(module):
@@ -689,7 +857,7 @@ def main(argv=None):
     args = parse_args(argv)
     t_start, stages = time.time(), {}
     out_dir = os.path.join(args.out, args.dataset)
-    device = ae.pick_device(args.device)
+    device = preflight(args)
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_idx'])} train / {len(data['val_idx'])} val / "
           f"{len(data['x_test'])} test images; models: {', '.join(args.models)}; "
@@ -699,8 +867,11 @@ def main(argv=None):
     t = time.time()
     trained, parallel = train_all(jobs, data, args, device)
     stages["training"] = time.time() - t
+    torch.set_num_threads(TASK_THREADS)
     t = time.time()
+    STATUS.show("judge (the digit classifier that scores samples) ...")
     judge = get_judge(data, args, device, out_dir)
+    STATUS.end()
     per_seed = [run_gauntlet(trained, data, args, seed, judge, device, out_dir, first=i == 0)
                 for i, seed in enumerate(seeds_of(args))]
     stages["tasks"] = time.time() - t
@@ -715,8 +886,17 @@ def main(argv=None):
     path = os.path.join(out_dir, "results.json")
     tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(results, indent=1)))
     report_path = write_report(results, out_dir)
+    remove_stale_figures(out_dir, t_start)
     print(f"done in {_hms(stages['total'])}: {report_path} (results: {path})")
     return results
+
+
+def remove_stale_figures(out_dir, since):
+    """Delete the figures and GIFs in out_dir that this run (started at `since`) did not write:
+    those of models or tasks an earlier report had and this one lacks."""
+    for path in pathlib.Path(out_dir).glob("*"):
+        if path.suffix in (".png", ".gif") and path.stat().st_mtime < since:
+            path.unlink()
 
 
 def config(args, data, argv):
@@ -796,14 +976,13 @@ def claim_shallow_worst(s, names, digits):
 
 def claim_top_three(s, names, digits):
     best = _ranked(s, "reconstruction_bce", names)[:3]
-    return set(best) == {"vanilla", "sparse", "vq"}, ", ".join(
-        f"{n} {s['reconstruction_bce'][n]:.1f}" for n in best)
+    return set(best) == {"vanilla", "sparse", "vq"}, _listed(s["reconstruction_bce"], best, 1)
 
 
 def claim_vaes_reconstruct_worse(s, names, digits):
     bce, vaes = s["reconstruction_bce"], [v for v in VARIATIONAL if v in names]
     holds = all(bce[v] > bce["vanilla"] for v in vaes) and max(vaes, key=bce.get) == "beta_vae_strict"
-    return holds, ", ".join(f"{n} {bce[n]:.1f}" for n in ["vanilla"] + vaes)
+    return holds, _listed(bce, ["vanilla"] + vaes, 1)
 
 
 def claim_denoising_best(metric):
@@ -815,31 +994,34 @@ def claim_denoising_best(metric):
 
 def claim_sparse_below_baseline(s, names, digits):
     sparse, base = s["probe_accuracy_reference_protocol"]["sparse"], _baseline(s)
-    return sparse < base, f"sparse {sparse:.3f}, baseline {base:.3f}"
+    return sparse < base, _listed({"sparse": sparse, "baseline": base}, ["sparse", "baseline"], 3)
 
 
 def claim_sparse_below_median(s, names, digits):
     sparse = s["probe_accuracy"]["sparse"]
     median = float(np.median([s["probe_accuracy"][n] for n in names if n != "sparse"]))
-    return sparse < median, f"sparse {sparse:.3f}, others' median {median:.3f}"
+    return sparse < median, _listed({"sparse": sparse, "others' median": median},
+                                    ["sparse", "others' median"], 3)
 
 
 def claim_beat_baseline(s, names, digits):
     others, base = [n for n in names if n != "sparse"], _baseline(s)
-    above = [n for n in others if s["probe_accuracy_reference_protocol"][n] > base]
-    return len(above) >= len(others) - 1, f"{len(above)} of {len(others)} above {base:.3f}"
+    acc = s["probe_accuracy_reference_protocol"]
+    above = [n for n in others if acc[n] > base]
+    d = _apart([base] + [acc[n] for n in others], 3)
+    return len(above) >= len(others) - 1, f"{len(above)} of {len(others)} above {base:.{d}f}"
 
 
 def claim_loose_best_vae(s, names, digits):
     acc = s["probe_accuracy_reference_protocol"]
     best = max(VARIATIONAL, key=acc.get)
-    return best == "beta_vae_loose", ", ".join(f"{v} {acc[v]:.3f}" for v in VARIATIONAL)
+    return best == "beta_vae_loose", _listed(acc, VARIATIONAL, 3)
 
 
 def claim_anomaly_order(metric):
     def check(s, names, digits):
         order = _ranked(s, metric, names)[::-1]
-        return order[:2] == ["shallow", "stacked"], ", ".join(f"{n} {s[metric][n]:.3f}" for n in order[:3])
+        return order[:2] == ["shallow", "stacked"], _listed(s[metric], order[:3], 3)
     return check
 
 
@@ -900,32 +1082,37 @@ def claim_beat_pixels(metric):
 def claim_strict_most_legible(s, names, digits):
     legible = s["sample_legibility"]
     best = max(legible, key=legible.get)
-    return best == "beta_vae_strict", ", ".join(f"{n} {v:.2f}" for n, v in legible.items())
+    return best == "beta_vae_strict", _listed(legible, list(legible), 2)
 
 
 def claim_loose_diverse_less_legible(s, names, digits):
     div, leg = s["sample_diversity"], s["sample_legibility"]
     strict, loose = "beta_vae_strict", "beta_vae_loose"
+    dd, dl = _apart([div[loose], div[strict]], 2), _apart([leg[loose], leg[strict]], 2)
     return (div[loose] > div[strict] and leg[loose] < leg[strict],
-            f"diversity {div[loose]:.2f} vs {div[strict]:.2f}, legible {leg[loose]:.2f} vs {leg[strict]:.2f}")
+            f"diversity {div[loose]:.{dd}f} vs {div[strict]:.{dd}f}, "
+            f"legible {leg[loose]:.{dl}f} vs {leg[strict]:.{dl}f}")
 
 
 def claim_vq_samples_worst(s, names, digits):
     legible = s["sample_legibility"]
-    return min(legible, key=legible.get) == "vq", f"vq legible {legible['vq']:.2f}"
+    least = sorted(legible, key=legible.get)[:2]
+    return least[0] == "vq", "least legible: " + _listed(legible, least, 2)
 
 
 def claim_vae_interpolations(s, names, digits):
     conf = s["interpolation_confidence"]
     vaes = np.mean([conf[n] for n in names if n in VARIATIONAL])
     others = np.mean([conf[n] for n in names if n not in VARIATIONAL])
-    return vaes - others > CLEAR_MARGIN, f"VAEs {vaes:.3f}, others {others:.3f}"
+    d = _apart([vaes - others, CLEAR_MARGIN], 3)
+    return vaes - others > CLEAR_MARGIN, f"VAEs {vaes:.{d}f}, others {others:.{d}f} (lead {vaes - others:.{d}f})"
 
 
 def claim_same_training_time(s, names, digits):
     seconds = [s["training_seconds"][n] for n in names]
     ratio = max(seconds) / min(seconds)
-    return ratio < 1.25, f"{min(seconds):.0f} to {max(seconds):.0f} s (x{ratio:.2f})"
+    return ratio < SAME_TIME_RATIO, (f"{min(seconds):.0f} to {max(seconds):.0f} s "
+                                     f"(x{ratio:.{_apart([ratio, SAME_TIME_RATIO], 2)}f})")
 
 
 # (the article's claim, the contestants it needs, its check on one seed's numbers)
@@ -975,9 +1162,24 @@ CLAIMS = [
     ("vq-VAE samples (uniform codes) do not resemble digits.", ae.GENERATIVE, claim_vq_samples_worst),
     (f"VAE interpolations stay digit-like; the others fade (VAEs lead the judge's confidence by "
      f"more than {CLEAR_MARGIN}).", ("vae", "vanilla"), claim_vae_interpolations),
-    ("Training time is about the same for every model (within x1.25).", ("shallow", "vanilla"),
+    (f"Training time is about the same for every model (within x{SAME_TIME_RATIO}).", ("shallow", "vanilla"),
      claim_same_training_time),
 ]
+
+
+def _apart(values, digits):
+    """Decimals, at least `digits`, at which the unequal ones among `values` print unequal (at
+    most EVIDENCE_MAX_DIGITS): evidence rounded into a tie would contradict its verdict."""
+    for d in range(digits, EVIDENCE_MAX_DIGITS):
+        if len({f"{v:.{d}f}" for v in values}) == len(set(values)):
+            return d
+    return EVIDENCE_MAX_DIGITS
+
+
+def _listed(values, names, digits):
+    """'name value, name value' with enough decimals to tell the values apart."""
+    d = _apart([values[n] for n in names], digits)
+    return ", ".join(f"{n} {values[n]:.{d}f}" for n in names)
 
 
 def _ranked(s, metric, names):
@@ -1115,7 +1317,9 @@ def report_latent(m, names):
                             _fmt(m, "latent_knn_accuracy", n, 3)]
                            for n in _rows(m, ["latent_knn_accuracy"], names)])
                  + "\n![latent maps, 20-d codes through umap_lite](latent_umap.png)\n\n")
-    return text + ("The raw codes of the latent-2 models (trained without the anomaly digit):\n\n"
+    return text + ("The raw codes of the latent-2 models (trained without the anomaly digit). A panel "
+                   "notes latent units that are constant over the test images (a dead ReLU unit "
+                   "draws the map as a line):\n\n"
                    "![latent-2 codes](latent_2d.png)\n")
 
 
@@ -1173,12 +1377,11 @@ def report_anomaly(m, names, cfg, article, out_dir):
             "error. *ink* needs no model: it ranks the test images by low summed intensity, the "
             "direction the signed score leans to (sum of the reconstruction minus the ink); ranking by "
             "high ink gives 1 minus its AUROC. *ρ ink*: Spearman rank correlation of a score with the "
-            "ink of the test images; near ±1, the score orders images by their stroke mass. An AUROC "
-            "below 0.5 means the score ranks the held-out class as *more normal* than the rest: a "
-            "thin digit that is reconstructed well has a low summed BCE.\n\n"
+            "ink of the test images; near ±1, the score orders images by their stroke mass.\n\n"
             + _table(["model", "AUROC", "AUPRC", "AUROC signed score"]
                      + (["published (signed)", "diff", "within 2 std"] if article else [])
                      + ["ρ ink (BCE)", "ρ ink (signed)"], rows)
+            + _below_chance_note(m, names, held_out)
             + "\n![ROC curves](anomaly_roc.png)\n")
     return text + report_anomaly_sweep(m, names, cfg, out_dir) + report_anomaly_latents(m, names, cfg)
 
@@ -1233,8 +1436,25 @@ def report_anomaly_latents(m, names, cfg):
                       for n in _rows(m, [key("anomaly_auc", latents[-1])], names)]))
 
 
+def _below_chance_note(m, names, held_out):
+    """A sentence on what an AUROC under 0.5 means, when the table has one."""
+    aurocs = [m[k][n]["mean"] for k in ("anomaly_auc", "anomaly_auc_signed_score") for n in names
+              if n in m.get(k, {})]
+    if not aurocs or min(aurocs) >= 0.5:
+        return ""
+    return (f"\nAn AUROC below 0.5 means the score ranks the test images of {held_out} *below* the "
+            "others more often than above: the model reconstructs them better than the images it was "
+            "trained on (thin strokes, few lit pixels, a small summed error), so the score points "
+            "the wrong way; 1 - AUROC is what the reversed score would reach.\n")
+
+
 def report_published(m, names):
     """How many of the article's numbers lie within our mean ± 2 std, per kind of number."""
+    if len(m["reconstruction_bce"][names[0]]["runs"]) == 1:
+        return ("## The article's numbers against our seed spread\n\n"
+                "This run has one seed, so there is no spread to hold the article's numbers against: "
+                "none of them counts as within it or outside it (the tables above give the plain "
+                "differences). Run with `--seeds 3` for this comparison.\n")
     rows = []
     for metric, label in [("reconstruction_bce", "reconstruction BCE"),
                           ("probe_accuracy_reference_protocol", "the article's probe"),
@@ -1245,7 +1465,7 @@ def report_published(m, names):
         rows.append([label, f"{len(inside)} of {len(inside) + len(outside)}", ", ".join(outside) or "-"])
     return ("## The article's numbers against our seed spread\n\n"
             "Each published MNIST number counts as reproduced when it lies within our mean ± 2 std "
-            "over seeds (with one seed there is no spread and nothing counts).\n\n"
+            "over seeds.\n\n"
             + _table(["number", "within 2 std", "outside"], rows))
 
 
@@ -1262,10 +1482,12 @@ def report_audit(m, names, cfg):
 
 def report_settings(results):
     cfg, env, stages = results["config"], results["environment"], results["stages_seconds"]
+    both = set(cfg) & set(env)      # device, jobs: what the command asked for, what the run used
+    asked = lambda k, v: [f"{k} (requested)", "automatic" if v is None else f"`{v}`"]
     return "## Settings and environment\n\n" + _table(
-        ["setting", "value"], [[k, f"`{v}`"] for k, v in cfg.items()]
+        ["setting", "value"], [asked(k, v) if k in both else [k, f"`{v}`"] for k, v in cfg.items()]
         + [[f"seconds: {k}", f"{v:.0f}"] for k, v in stages.items()]
-        + [[k, f"`{v}`"] for k, v in env.items()])
+        + [[f"{k} (used)" if k in both else k, f"`{v}`"] for k, v in env.items()])
 
 
 # ---- helpers
@@ -1327,8 +1549,31 @@ def _hms(seconds):
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-if __name__ == "__main__":
+# ---- the command line's entry point: Ctrl-C and SIGTERM end the run cleanly
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C or SIGTERM, raised where run.py is, so that every cleanup on the way out runs."""
+
+
+def _interrupt(signum, frame):
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)      # a second Ctrl-C must not cut the cleanup short
+    raise Interrupted(signum)
+
+
+def cli():
+    """main() as `python run.py` runs it; exit code 128 + the signal's number when interrupted."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _interrupt)
     try:
         main()
-    except KeyboardInterrupt:
-        sys.exit("\ninterrupted: finished trainings are saved; run the same command to continue")
+    except KeyboardInterrupt as err:
+        signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
+        STATUS.end()
+        print("interrupted: finished trainings are saved; run the same command to continue",
+              file=sys.stderr)
+        sys.exit(128 + signum)
+
+
+if __name__ == "__main__":
+    cli()

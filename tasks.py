@@ -676,19 +676,21 @@ def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
     _savefig(fig, path)
 
 
-def plot_label_budget(budgets, acc_by_model, path):
-    """Probe accuracy vs number of labels (log x), one line per model; acc = (mean, std) lists.
-
-    The error bars are the std over the stratified draws of labelled images.
-    """
+def plot_label_budget(budgets, acc_by_model, path, draws=1):
+    """Probe accuracy vs number of labels (log x, ticked at the budgets), one line per model;
+    acc = (mean, std) lists. With several draws per budget, bars show the std over the draws."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, (mean, std) in acc_by_model.items():
-        ax.errorbar(budgets, mean, yerr=std, marker="o", ms=3, capsize=2, label=name)
+        ax.errorbar(budgets, mean, yerr=std if draws > 1 else None, marker="o", ms=3, capsize=2,
+                    label=name)
     ax.set_xscale("log")
+    ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
+    ax.minorticks_off()     # log ticks would add 10^1, 10^2 and unlabelled marks between budgets
     ax.set_xlabel("labelled training images")
     ax.set_ylabel("test accuracy (converged linear probe)")
-    ax.set_title("accuracy vs labels (bars: std over label draws)", fontsize=9)
+    ax.set_title(f"accuracy vs labels (bars: std over {draws} label draws)" if draws > 1 else
+                 "accuracy vs labels (one label draw per budget: no error bars)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()

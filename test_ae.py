@@ -1636,6 +1636,9 @@ def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys
     (["--dataset", "cifar"], "unknown dataset"),
     (["--models", "vanilla,gan"], "unknown model"),
     (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--batch-size", "1"], "--batch-size must be at least 2"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr", "nan"], "--lr must be a positive number"),
     (["--anomaly-digits", "12"], "anomaly-digits"),
 ])
 def test_run_bad_arguments_one_line(argv, match, capsys):
@@ -2139,32 +2142,44 @@ def _gone(pid):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir("/proc"), reason="finds worker processes through /proc")
-@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C"])
+@pytest.mark.parametrize("how", ["SIGKILL", "Ctrl-C", "SIGTERM"])
 def test_run_parallel_killed_stops_workers_and_resumes(tiny_data, tmp_path, how):
     import signal
     import time
-    # batches of 2 make each training last seconds, so the workers still have work when run.py dies
+    # batches of 2 make each training last seconds, so the workers still have work when run.py
+    # dies; 88 queued trainings with their index arrays (4 KB each) overfill a 64 KB pipe
     argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--quick",
-            "--models", "shallow,vanilla", "--epochs", "20", "--batch-size", "2", "--jobs", "2"]
+            "--models", "shallow,vanilla", "--seeds", "4", "--anomaly-digits", "all",
+            "--epochs", "20", "--batch-size", "2", "--jobs", "2"]
     proc = subprocess.Popen([sys.executable, "run.py", *argv], cwd=os.path.dirname(run.__file__),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
-    folder, deadline = tmp_path / "mnist" / "checkpoints", time.time() + 120
-    while not (folder.exists() and list(folder.glob("*.pt"))) and time.time() < deadline:
-        time.sleep(0.05)
-    workers = _children(proc.pid)
-    assert len(workers) >= 2                        # the two training processes (and a tracker)
-    if how == "SIGKILL":
-        proc.kill()
-    else:
-        os.killpg(proc.pid, signal.SIGINT)          # what the terminal does on Ctrl-C
-    stderr = proc.communicate(timeout=60)[1]
+    try:
+        folder, deadline = tmp_path / "mnist" / "checkpoints", time.time() + 300   # a busy machine
+        while not (folder.exists() and list(folder.glob("*.pt"))) and time.time() < deadline:
+            time.sleep(0.05)
+        assert list(folder.glob("*.pt")), "no training finished within 300 s"
+        children = _children(proc.pid)
+        assert len(children) >= 3                   # the two training processes and a tracker
+        sent = time.time()
+        if how == "SIGKILL":
+            proc.kill()
+        else:                                       # to the process group, as a terminal does
+            os.killpg(proc.pid, signal.SIGINT if how == "Ctrl-C" else signal.SIGTERM)
+        stderr = proc.communicate(timeout=60)[1]    # returns once every holder of stderr is gone
+    finally:                                        # a failed check leaves no run behind
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
     deadline = time.time() + 2                      # a worker checks on its parent every 0.5 s
-    while not all(_gone(w) for w in workers) and time.time() < deadline:
+    while not all(_gone(c) for c in children) and time.time() < deadline:
         time.sleep(0.05)
-    assert all(_gone(w) for w in workers)
-    if how == "Ctrl-C":
-        assert "interrupted" in stderr and "Traceback" not in stderr
+    assert all(_gone(c) for c in children)          # no orphan: workers and tracker are gone
+    if how != "SIGKILL":
+        assert time.time() - sent < 5
+        assert proc.returncode == {"Ctrl-C": 130, "SIGTERM": 143}[how]
+        assert stderr.strip().splitlines() == [
+            "interrupted: finished trainings are saved; run the same command to continue"]
+        assert not list(folder.glob(".tmp-*"))      # a save cut short deleted its temp file
     # every checkpoint left is whole, and a rerun reuses exactly those
     finished = sorted(str(p) for p in folder.glob("*.pt"))
     for path in finished:
@@ -2173,3 +2188,225 @@ def test_run_parallel_killed_stops_workers_and_resumes(tiny_data, tmp_path, how)
     jobs = run.training_jobs(args, data, str(tmp_path / "mnist"))
     assert 0 < len(finished) < len(jobs)
     assert sorted(job["path"] for job in jobs if run._finished(job)) == finished
+
+
+# ---- run.py: no traps for a newcomer (checks before any work, output folders, status line, report text)
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """The tests run on one torch thread: their tiny steps gain nothing from a second, and on a
+    busy machine threads that wait for each other make the suite crawl (151 s instead of 16)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _files(folder):
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*"))
+
+
+@pytest.mark.parametrize("case, match", [
+    ("out is a file", "is a file, not a folder"),
+    ("out cannot be written", "cannot write in"),
+    ("device tpu", "unknown device 'tpu'"),
+    ("device cuda", "no CUDA GPU"),
+    ("no data", "MNIST not found"),
+])
+def test_run_bad_setup_stops_with_one_line_before_any_work(tiny_data, tmp_path, monkeypatch, case, match):
+    import tempfile
+    out, argv = tmp_path / "out", ["--no-download", "--out", str(tmp_path / "out"), "--quick"]
+    argv += ["--data-dir", str(tmp_path) if case == "no data" else str(tiny_data)]
+    if case == "out is a file":
+        out.write_text("not a folder")
+    elif case == "out cannot be written":       # what a read-only folder does (root ignores chmod)
+        def refuse(*args, **kwargs):
+            raise PermissionError(13, "Permission denied")
+        monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    elif case.startswith("device"):
+        if case == "device cuda" and torch.cuda.is_available():
+            pytest.skip("a CUDA GPU is there")
+        argv += ["--device", case.split()[1]]
+    before = _files(tmp_path)
+    monkeypatch.setattr(run, "train_all", lambda *a: pytest.fail("trained despite a bad setup"))
+    with pytest.raises(SystemExit) as err:
+        run.main(argv)
+    message = str(err.value.code)
+    assert message.startswith("run.py: error:") and match in message and "\n" not in message
+    assert _files(tmp_path) == before                    # nothing written
+
+
+def test_run_preflight_passes_a_folder_still_to_be_made_and_makes_nothing(tmp_path):
+    args = run.parse_args(["--out", str(tmp_path / "new" / "deeper"), "--device", "cpu"])
+    assert run.preflight(args) == torch.device("cpu")
+    assert _files(tmp_path) == []
+
+
+def test_run_default_out_is_not_the_committed_results():
+    assert run.parse_args([]).out == run.OUT != "results"
+    assert run.parse_args(["--quick"]).out == run.QUICK_OUT != run.OUT
+    assert run.parse_args(["--quick", "--out", "results"]).out == "results"
+    ignored = open(os.path.join(os.path.dirname(run.__file__), ".gitignore")).read().split()
+    assert run.OUT + "/" in ignored and run.QUICK_OUT.startswith(run.OUT + os.sep)
+
+
+def test_run_keeps_a_report_made_with_other_settings(tmp_path):
+    argv = ["--out", str(tmp_path), "--seeds", "3", "--device", "cpu"]
+    args = run.parse_args(argv)
+    (tmp_path / "mnist").mkdir()
+    (tmp_path / "mnist" / "results.json").write_text(
+        json.dumps({"config": {**vars(args), "seeds": run.seeds_of(args)}}))
+    run.preflight(args)                                   # the same settings: continue, regenerate
+    run.preflight(run.parse_args(argv + ["--jobs", "1"]))   # how it runs is not what it reports
+    for other, change in [([], "seeds 42,43,44 -> 42"), (["--quick"], "quick False -> True"),
+                          (["--models", "vq"], "-> vq")]:
+        with pytest.raises(SystemExit) as err:
+            run.preflight(run.parse_args(["--out", str(tmp_path), "--device", "cpu", *other]))
+        message = str(err.value.code)
+        assert change in message and "--replace" in message and "\n" not in message
+    run.preflight(run.parse_args(["--out", str(tmp_path), "--device", "cpu", "--replace"]))
+
+
+def test_run_removes_only_the_figures_this_run_did_not_write(tmp_path):
+    import time
+    stale, other = ["interp_vq.gif", "samples.png"], ["results.json", "notes.txt"]
+    for name in stale + other:
+        (tmp_path / name).write_text("x")
+        os.utime(tmp_path / name, (time.time() - 60,) * 2)
+    since = time.time()
+    fresh = ["interp_vanilla.gif", "latent_2d.png"]
+    for name in fresh:
+        (tmp_path / name).write_text("x")
+    run.remove_stale_figures(tmp_path, since)
+    assert _files(tmp_path) == sorted(fresh + other)
+
+
+class _Terminal(__import__("io").StringIO):
+    def isatty(self):
+        return True
+
+
+def _status_on(monkeypatch, stdout, columns=200):
+    import shutil
+    monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((columns, 24)))
+    monkeypatch.setattr(sys, "stdout", stdout)
+    monkeypatch.setattr(run, "STATUS", run.StatusLine())
+    return run.STATUS
+
+
+def test_status_line_fits_80_columns_keeps_the_eta_and_ends_its_line(monkeypatch):
+    out = _Terminal()
+    status = _status_on(monkeypatch, out)
+    status.show("x" * 79)
+    assert out.getvalue() == "\r" + "x" * 79                 # 79 columns fit as they are
+    status.show("y" * 80)
+    assert out.getvalue().split("\r")[-1] == "y" * 78 + "~"  # 80 do not
+    jobs = [{"label": f"beta_vae_strict z=2 seed {s} w/o 7", "work": 1.0} for s in (42, 43, 44)]
+    progress = run.Progress(jobs)
+    for job in jobs:
+        progress.epoch(job["label"], {"epoch": 3, "epochs": 60, "val_loss": 123.456})
+    last = out.getvalue().split("\r")[-1]
+    assert len(last) <= 79 and " | ETA " in last and last.startswith("0/3 trained | beta_vae_strict")
+    status.show("short")
+    assert out.getvalue().split("\r")[-1] == "short".ljust(len(last))   # the longer line is erased
+    status.end()
+    assert out.getvalue().endswith("\n") and status.shown == 0
+    status.end()
+    assert out.getvalue().count("\n") == 1                  # nothing to end: nothing printed
+
+
+def test_status_line_in_a_log_file_gets_whole_lines_and_tasks_name_their_model(monkeypatch):
+    out = __import__("io").StringIO()
+    status = _status_on(monkeypatch, out)
+    status.show("kept", log=True)
+    status.show("only on a terminal", log=False)
+    assert out.getvalue() == "kept\n"
+    term = _Terminal()
+    status = _status_on(monkeypatch, term)
+    status.task = "seed 42: classification"
+    assert [n for n, _ in run._Announced({"vanilla": 1, "vae": 2}).items()] == ["vanilla", "vae"]
+    assert term.getvalue().split("\r")[1:] == ["seed 42: classification: vanilla (1/2)",
+                                               "seed 42: classification: vae (2/2)".ljust(38)]
+
+
+def _metrics(per_seed_values):
+    """{metric: {model: [v per seed]}} -> run.summarise's {metric: {model: {mean, std, runs}}}."""
+    n_seeds = len(next(iter(next(iter(per_seed_values.values())).values())))
+    return run.summarise([{k: {n: v[i] for n, v in by.items()} for k, by in per_seed_values.items()}
+                          for i in range(n_seeds)])
+
+
+def test_report_one_seed_has_no_spread_rather_than_everything_outside():
+    values = {"reconstruction_bce": {"vanilla": [64.0, 64.1], "vq": [60.0, 60.1]},
+              "anomaly_auc_signed_score": {"vanilla": [0.79, 0.80]}}
+    one = run.report_published(_metrics({k: {n: v[:1] for n, v in by.items()} for k, by in values.items()}),
+                               ["vanilla", "vq"])
+    assert "no spread" in one and "0 of" not in one and "|" not in one   # no table of zeros
+    two = run.report_published(_metrics(values), ["vanilla", "vq"])
+    assert "no spread" not in two and "| reconstruction BCE | 1 of 2 | vq |" in two
+
+
+def test_audit_evidence_has_the_digits_its_verdict_needs():
+    assert run._apart([0.0301, 0.0304, 0.0299], 2) == 4
+    assert run._apart([0.031, 0.034], 2) == 3
+    assert run._apart([0.25, 0.25, 0.75], 2) == 2           # equal values may print equal
+    acc = {"vae": 0.0301, "beta_vae_strict": 0.0299, "beta_vae_loose": 0.0304}
+    holds, evidence = run.claim_loose_best_vae({"probe_accuracy_reference_protocol": acc}, [], [])
+    assert holds and evidence == "vae 0.0301, beta_vae_strict 0.0299, beta_vae_loose 0.0304"
+    seconds = {"training_seconds": {"shallow": 100.0, "vanilla": 124.9}}
+    holds, evidence = run.claim_same_training_time(seconds, ["shallow", "vanilla"], [])
+    assert holds and "x1.249" in evidence                   # not "x1.25" beside "within x1.25"
+
+
+def test_report_settings_tell_requested_from_used():
+    results = {"config": {"device": None, "jobs": None, "epochs": 3},
+               "environment": {"device": "cpu", "jobs": 2, "torch": "2"}, "stages_seconds": {"total": 5.0}}
+    rows = run.report_settings(results).splitlines()
+    for row in ["| device (requested) | automatic |", "| jobs (requested) | automatic |",
+                "| device (used) | `cpu` |", "| jobs (used) | `2` |", "| epochs | `3` |", "| torch | `2` |"]:
+        assert row in rows
+
+
+def test_report_explains_an_auroc_below_one_half_only_when_there_is_one():
+    cfg = {"dataset": "mnist", "anomaly_digits": [1]}
+    values = lambda auc: {"anomaly_auc": {"vq": [auc]}, "anomaly_auprc": {"vq": [0.2]},
+                          "anomaly_auc_signed_score": {"vq": [0.8]}}
+    assert "below 0.5" in run.report_anomaly(_metrics(values(0.499)), ["vq"], cfg, False, None)
+    assert "below 0.5" not in run.report_anomaly(_metrics(values(0.5)), ["vq"], cfg, False, None)
+
+
+def test_dead_latent_unit_is_noted_on_its_panel():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(500, 2)).astype(np.float32)
+    assert run._dead_units_note(z) == ""
+    z[:, 0] = 0.0                                           # a ReLU unit that never fires
+    assert run._dead_units_note(z) == " | 1 of 2 units constant"
+    z[:, 0] = 1e-5 * rng.normal(size=500)                   # small, but more than DEAD_SPAN: alive
+    assert run._dead_units_note(z) == ""
+
+
+@pytest.mark.parametrize("draws", [1, 3])
+def test_label_budget_axis_shows_the_budgets_and_bars_only_with_draws(tmp_path, monkeypatch, draws):
+    figures = []
+    monkeypatch.setattr(tasks, "_savefig", lambda fig, path: figures.append(fig))
+    budgets = [10, 100, 550, 5500]
+    tasks.plot_label_budget(budgets, {"vq": ([0.3, 0.6, 0.8, 0.9], [0.05] * 4)},
+                            str(tmp_path / "b.png"), draws=draws)
+    ax = figures[0].axes[0]
+    figures[0].canvas.draw()
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "100", "550", "5,500"]
+    assert not ax.xaxis.get_minorticklocs().size
+    assert ax.containers[0].has_yerr == (draws > 1)
+    assert ("no error bars" in ax.get_title()) == (draws == 1)
+
+
+def test_bench_skips_a_missing_comparison_library_with_one_line(monkeypatch, capsys):
+    import importlib.util
+    import bench
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
+    monkeypatch.setattr(bench, "_umap_codes", lambda *a: pytest.fail("ran without scikit-learn"))
+    bench.bench_umap(None)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert len(printed) == 1 and "scikit-learn" in printed[0] and "skipped" in printed[0]
+    assert bench.missing_packages({"json": "json", "no_such_module_here": "no-such"}) == ["no-such"]
