@@ -1779,6 +1779,409 @@ def test_published_within_two_std():
                            "reconstruction_bce", "vanilla")           # one run has no spread
 
 
+# ---- run.py: which model, which images, which labels, seed, k and mode each number comes from
+
+# Rules are asserted as PROTOCOL.md states them, for every metric a task reports, so that new
+# metrics and rows can appear without editing these tests. The task functions run for real; only
+# the expensive calls they make (encoders, probes, scores) are replaced by spies that log their
+# arguments and return a token that names the call.
+
+N_WIRING_TRAIN, N_WIRING_TEST = 1500, 200   # 150 val, 1350 train: 550 probe labels < training part
+WIRING_SEED = 43                            # not the default 42, so a dropped seed shows
+
+
+def _write_idx_set(folder, n_train, n_test, seed):
+    rng = np.random.default_rng(seed)
+    y_train, y_test = rng.permutation(np.arange(n_train) % 10), rng.permutation(np.arange(n_test) % 10)
+    for stem, arr in [("train-images-idx3-ubyte", _digit_like(y_train, rng)),
+                      ("train-labels-idx1-ubyte", y_train),
+                      ("t10k-images-idx3-ubyte", _digit_like(y_test, rng)),
+                      ("t10k-labels-idx1-ubyte", y_test)]:
+        (folder / f"{stem}.gz").write_bytes(_idx(arr))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wiring(tmp_path_factory):
+    """(folder, args, data) of a data set whose protocol sets are all different sets."""
+    folder = _write_idx_set(tmp_path_factory.mktemp("wiring"), N_WIRING_TRAIN, N_WIRING_TEST, seed=1)
+    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "1", "--jobs", "1"])
+    return folder, args, run.load_data(args)
+
+
+def test_wiring_fixture_sets_are_distinct(wiring):
+    _, _, data = wiring
+    train, val, probe = (set(data[k].tolist()) for k in ("train_idx", "val_idx", "probe_idx"))
+    no_ones = set(mnist.drop_class(data["train_idx"], data["y_all"], run.ANOMALY_DIGIT).tolist())
+    assert len(probe) == run.N_PROBE and probe < no_ones | probe and probe < train
+    assert len(no_ones) < len(train) and not probe <= no_ones and train & val == set()
+    assert len(train) > len(probe) and len(val) != len(data["x_test"])
+    test_rows = {row.tobytes() for row in data["x_test"]}
+    assert not test_rows & {row.tobytes() for row in data["x_all"]}
+
+
+class _Wire:
+    """Spies on the tasks.* calls of run.py's task functions.
+
+    Fake codes name their image and model: row = [image id, model id, sampled], image id i >= 0
+    for data["x_all"][i] and -1 - j for data["x_test"][j]. Every spy logs its call and returns a
+    token (a float no other call returns), so each reported number leads back to one call.
+    """
+
+    def __init__(self, monkeypatch, data, models, seed=WIRING_SEED):
+        self.data, self.models, self.calls = data, list(models), {}
+        with torch.random.fork_rng():
+            self.fresh = torch.manual_seed(seed).get_state()    # the generator just seeded
+        self.row = {r.tobytes(): i for i, r in enumerate(data["x_all"])}
+        self.row.update({r.tobytes(): -1 - j for j, r in enumerate(data["x_test"])})
+        for fn in ("encode", "linear_probe", "train_classifier", "knn_predict", "anomaly_scores",
+                   "roc_auc", "average_precision", "per_image_bce", "interpolate", "judge_images",
+                   "sample_quality", "path_quality"):
+            monkeypatch.setattr(tasks, fn, getattr(self, fn))
+        self.encoded = []                          # (model, sample) of every model.encode call
+        for model in self.models:
+            monkeypatch.setattr(model, "encode", lambda x, sample=True, _m=model:
+                                self.encoded.append((_m, sample)) or torch.zeros(len(x), _m.latent_dim))
+            monkeypatch.setattr(model, "sample", lambda n, _m=model: self._samples(_m, n))
+
+    def _log(self, fn, **record):
+        token = 0.001 * (1 + sum(map(len, self.calls.values()))) + 0.123456
+        # seeded: torch's generator was seeded with the run seed just before this call; the draw
+        # after it stands for the noise an evaluation consumes
+        record.update(token=token, seeded=torch.equal(torch.get_rng_state(), self.fresh))
+        torch.rand(1)
+        self.calls.setdefault(fn, []).append(record)
+        return token
+
+    def ids(self, x):
+        """Image ids of the rows of x: images, or fake codes."""
+        x = np.asarray(x, np.float32)
+        if x.shape[1] == 3:
+            return x[:, 0].astype(int).tolist()
+        return [self.row[r.tobytes()] for r in x]
+
+    def labels_of(self, ids):
+        return np.array([self.data["y_all"][i] if i >= 0 else self.data["y_test"][-1 - i] for i in ids])
+
+    def by_token(self, fn, token):
+        found = [c for c in self.calls.get(fn, []) if abs(c["token"] - token) < 1e-6]
+        assert len(found) == 1, f"{fn} made no number {token}"
+        return found[0]
+
+    # -- the spies
+    def encode(self, model, x, sample=True):
+        ids = np.array(self.ids(x), np.float32)
+        return np.c_[ids, np.full(len(ids), self.models.index(model)), np.full(len(ids), float(sample))]
+
+    def linear_probe(self, z_train, y_train, z_val, y_val, z_test, y_test, **kw):
+        return self._log("linear_probe", z=(z_train, z_val, z_test), y=(y_train, y_val, y_test))
+
+    def train_classifier(self, net, x_train, y_train, x_val, y_val, x_test, y_test, seed=42, **kw):
+        self.encoded.clear()
+        with torch.no_grad():
+            net.eval()(torch.as_tensor(np.asarray(x_train[:2], np.float32)))
+        state = {**net.state_dict(), **{f"frozen.{k}": v for module in getattr(net, "_frozen", [])
+                                        for k, v in module.state_dict().items()}}
+        return self._log("train_classifier", net=net, state=state, encoded=list(self.encoded),
+                         x=(x_train, x_val, x_test), y=(y_train, y_val, y_test), seed=seed)
+
+    def knn_predict(self, z_ref, y_ref, z_query, k=10, exclude_self=False, block=1024):
+        ids = self.ids(z_query)
+        token = self._log("knn_predict", z=(z_ref, z_query), y_ref=y_ref, k=k, exclude_self=exclude_self)
+        right = round(token * 1000) % len(ids)      # accuracy = right / n names this call
+        self.calls["knn_predict"][-1]["accuracy"] = right / len(ids)
+        truth = self.labels_of(ids)
+        return np.where(np.arange(len(ids)) < right, truth, (truth + 1) % 10)
+
+    def anomaly_scores(self, model, x):
+        token = self._log("anomaly_scores", model=model, ids=self.ids(x))
+        return np.full(len(x), token), np.full(len(x), -token)      # (summed BCE, signed)
+
+    def roc_auc(self, labels, scores):
+        return self._log("roc_auc", labels=np.asarray(labels), score=float(np.asarray(scores)[0]))
+
+    def average_precision(self, labels, scores):
+        return self._log("average_precision", labels=np.asarray(labels), score=float(np.asarray(scores)[0]))
+
+    def per_image_bce(self, model, x):
+        return np.full(len(x), self._log("per_image_bce", model=model, ids=self.ids(x)))
+
+    def _samples(self, model, n):
+        token = self._log("sample", model=model, n=n)
+        return torch.full((n, ae.INPUT_DIM), token)
+
+    def interpolate(self, model, x_a, x_b, steps=tasks.INTERP_STEPS, fixed_noise=False, seed=0):
+        token = self._log("interpolate", model=model, ids=self.ids(np.stack([x_a, x_b])),
+                          fixed_noise=fixed_noise, call_seed=seed)
+        return np.full((steps + 2, ae.INPUT_DIM), token, np.float32)
+
+    def judge_images(self, judge, images):
+        images = np.asarray(images)
+        # test images by their ids; samples and frames by the token they are filled with
+        source = tuple(self.ids(images)) if images[0].tobytes() in self.row else float(images[0, 0])
+        token = self._log("judge_images", judge=judge, source=source, n=len(images))
+        return np.full((len(images), 10), token), np.full((len(images), 4), token)
+
+    def sample_quality(self, probs, features, test_features):
+        token = self._log("sample_quality", of=(probs[0, 0], features[0, 0], test_features[0, 0]))
+        return {"legibility": token, "diversity": token + 1e-7, "frechet": token + 2e-7}
+
+    def path_quality(self, probs, start_class, end_class):
+        token = self._log("path_quality", of=probs[0, 0], ends=(start_class, end_class))
+        return {"mean_confidence": token, "third_class": token + 1e-7, "classes_passed": []}
+
+
+def _wiring_models(names, latent, seed=0):
+    ae.set_seed(seed)
+    return {n: ae.build(n, latent).eval() for n in names}
+
+
+def _fresh_state(name, latent, seed):
+    """The model's weights as the run seed builds them (PROTOCOL.md 5: seeded before building)."""
+    ae.set_seed(seed)
+    return ae.build(name, latent).state_dict()
+
+
+def test_wiring_classification_every_number(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae"], run.LATENT)
+    w = _Wire(monkeypatch, data, models.values())
+    m, _ = run.task_classification(models, data, WIRING_SEED, quick=False)
+    probe, val, n_test = data["probe_idx"].tolist(), data["val_idx"].tolist(), len(data["x_test"])
+    test = [-1 - j for j in range(n_test)]
+    seen = set()
+    for metric, by_model in m.items():
+        for name, value in by_model.items():
+            index = w.models.index(models[name])
+            if metric == "probe_accuracy_reference_protocol":       # the article's probe
+                c = w.by_token("train_classifier", value)
+                assert {id(mod) for mod, _ in c["encoded"]} == {id(models[name])}   # this model
+                assert all(sample for _, sample in c["encoded"])    # the VAEs sample every call
+                assert [w.ids(x) for x in c["x"]] == [probe, val, test]
+                for x, y in zip(c["x"], c["y"]):
+                    np.testing.assert_array_equal(y, w.labels_of(w.ids(x)))
+                assert c["seed"] == WIRING_SEED
+            elif metric == "knn_probe_accuracy":
+                c = next(c for c in w.calls["knn_predict"] if c["accuracy"] == value)
+                ref, query = c["z"]
+                assert w.ids(ref) == probe and w.ids(query) == test and c["k"] == 10
+                assert not c["exclude_self"] and set(ref[:, 1]) == set(query[:, 1]) == {index}
+                assert set(ref[:, 2]) == {1.0}                      # a sample, for the VAEs
+                np.testing.assert_array_equal(c["y_ref"], w.labels_of(probe))
+            elif metric in ("probe_accuracy", "probe_accuracy_mu"):  # the converged probe
+                c = w.by_token("linear_probe", value)
+                assert [w.ids(z) for z in c["z"]] == [probe, val, test]
+                assert all(set(z[:, 1]) == {index} for z in c["z"])
+                assert all(set(z[:, 2]) == {float(metric == "probe_accuracy")} for z in c["z"])
+                for z, y in zip(c["z"], c["y"]):
+                    np.testing.assert_array_equal(y, w.labels_of(w.ids(z)))
+            elif metric.endswith("_labels"):                        # label budgets
+                budget = int(metric.split("_")[-2])
+                draws = [c for c in w.calls["linear_probe"] if len(c["z"][0]) == budget
+                         and set(c["z"][0][:, 1]) == {index} and w.ids(c["z"][0]) != probe]
+                assert len(draws) == run.BUDGET_DRAWS
+                assert value == pytest.approx(np.mean([c["token"] for c in draws]), abs=1e-12)
+                train = data["train_idx"]
+                for i, c in enumerate(draws):
+                    assert set(c["z"][0][:, 2]) == {1.0} and set(w.ids(c["z"][0])) <= set(train.tolist())
+                    assert np.bincount(w.labels_of(w.ids(c["z"][0])), minlength=10).tolist() == [budget // 10] * 10
+                    want = train[tasks.label_budget_indices(data["y_all"][train], budget // 10, WIRING_SEED + i)]
+                    assert sorted(w.ids(c["z"][0])) == sorted(want.tolist())
+                    assert [w.ids(z) for z in c["z"][1:]] == [val, test]
+            else:
+                continue
+            seen.add(metric)
+    assert {"probe_accuracy", "probe_accuracy_mu", "probe_accuracy_reference_protocol",
+            "knn_probe_accuracy", "probe_accuracy_10_labels", "probe_accuracy_550_labels"} <= seen
+    assert set(m["probe_accuracy_mu"]) == {"vae"}                   # mu only where there is one
+
+
+def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
+    _, _, data = wiring
+    w = _Wire(monkeypatch, data, [])
+    m = run.task_baselines(data, WIRING_SEED, torch.device("cpu"))
+    fresh = _fresh_state("vanilla", run.LATENT, WIRING_SEED)
+    encoder = {k: v for k, v in fresh.items() if k.startswith("encoder.")}
+    test = [-1 - j for j in range(len(data["x_test"]))]
+    assert m
+    for metric, by_model in m.items():
+        c = w.by_token("train_classifier", by_model["vanilla"])
+        # fresh weights from the run seed, never trained as an autoencoder: every encoder tensor
+        # of the seeded vanilla model is in the probe as built, and the head reads 20 numbers
+        state = list(c["state"].values())
+        assert all(any(s.shape == v.shape and torch.equal(s, v) for s in state) for v in encoder.values())
+        assert any(s.shape == (tasks.N_CLASSES, run.LATENT) for s in state)
+        assert [w.ids(x) for x in c["x"]] == [data["probe_idx"].tolist(), data["val_idx"].tolist(), test]
+        for x, y in zip(c["x"], c["y"]):
+            np.testing.assert_array_equal(y, w.labels_of(w.ids(x)))
+        assert c["seed"] == WIRING_SEED
+
+
+def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypatch):
+    _, _, data = wiring
+    digits = [run.ANOMALY_DIGIT, 3]
+    models2 = {d: _wiring_models(["shallow", "vae"], run.LATENT_ANOMALY, seed=d) for d in digits}
+    w = _Wire(monkeypatch, data, [mod for by in models2.values() for mod in by.values()])
+    m, _ = run.task_anomaly(models2, data, WIRING_SEED)
+    test, y_test = [-1 - j for j in range(len(data["x_test"]))], data["y_test"]
+    checked = set()
+    for metric, by_model in m.items():
+        if not metric.startswith("anomaly_"):
+            continue
+        digit = int(metric.split("digit_")[1]) if "digit_" in metric else run.ANOMALY_DIGIT
+        for name, value in by_model.items():
+            if name not in models2[digit]:
+                continue        # a reference row (no autoencoder)
+            c = w.by_token("average_precision" if "auprc" in metric else "roc_auc", value)
+            np.testing.assert_array_equal(c["labels"], y_test == digit)   # positives = the digit
+            signed = "signed" in metric
+            scored = w.by_token("anomaly_scores", -c["score"] if signed else c["score"])
+            assert scored["model"] is models2[digit][name]     # the model trained without it
+            assert scored["model"].latent_dim == run.LATENT_ANOMALY
+            assert scored["ids"] == test and scored["seeded"]
+            checked.add((metric, name))
+    assert {(k, n) for k in ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score",
+                             "anomaly_auc_digit_3") for n in ("shallow", "vae")} <= checked
+
+
+def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae"], run.LATENT)
+    models2 = _wiring_models(["vanilla", "vae"], run.LATENT_ANOMALY)
+    w = _Wire(monkeypatch, data, list(models.values()) + list(models2.values()))
+    monkeypatch.setattr(tasks, "reconstruct", lambda model, x: np.zeros((len(x), ae.INPUT_DIM)))
+    m, _ = run.task_reconstruction(models, data, WIRING_SEED)
+    m.update(run.task_latent_structure(models, models2, data, WIRING_SEED, quick=False)[0])
+    test = [-1 - j for j in range(len(data["x_test"]))]
+    for name in models:
+        c = w.by_token("per_image_bce", m["reconstruction_bce"][name])   # mean over the test images
+        assert c["model"] is models[name] and c["ids"] == test and c["seeded"]
+        c = next(c for c in w.calls["knn_predict"] if c["accuracy"] == m["latent_knn_accuracy"][name])
+        ref, query = c["z"]
+        assert w.ids(ref) == w.ids(query) == test and c["k"] == 10 and c["exclude_self"]
+        assert set(ref[:, 1]) == {w.models.index(models[name])} and set(ref[:, 2]) == {1.0}
+        np.testing.assert_array_equal(c["y_ref"], data["y_test"])
+
+
+def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae", "vq"], run.LATENT)
+    w = _Wire(monkeypatch, data, models.values())
+    judge = object()
+    m, _ = run.task_generation(models, data, judge, WIRING_SEED)
+    first = tuple(-1 - j for j in range(min(run.N_GENERATED, len(data["x_test"]))))
+    checked = set()
+    for metric, by_model in m.items():
+        for name, value in by_model.items():
+            if metric.startswith("sample_"):
+                c = w.by_token("sample_quality", value)
+                probs, features, test_features = (w.by_token("judge_images", t) for t in c["of"])
+                drawn = w.by_token("sample", probs["source"])
+                assert drawn["model"] is models[name] and name in ae.GENERATIVE
+                assert drawn["n"] == run.N_GENERATED and drawn["seeded"]
+                assert features is probs and test_features["source"] == first
+                assert probs["judge"] is judge and test_features["judge"] is judge
+            elif metric.startswith("interpolation_"):
+                c = w.by_token("path_quality", value)
+                frames = w.by_token("interpolate", w.by_token("judge_images", c["of"])["source"])
+                assert frames["model"] is models[name] and frames["ids"] == [-1, -2]   # test 0 and 1
+                assert frames["fixed_noise"] == metric.endswith("_fixed_noise")
+                assert frames["call_seed"] == WIRING_SEED and frames["seeded"]
+                assert c["ends"] == (data["y_test"][0], data["y_test"][1])
+            else:
+                continue
+            checked.add((metric.split("_")[0], name))
+    assert {("sample", "vae"), ("sample", "vq"), ("interpolation", "vanilla")} <= checked
+    assert ("sample", "vanilla") not in checked and set(m["interpolation_confidence_fixed_noise"]) == {"vae"}
+
+
+def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch):
+    _, args, data = wiring
+    args = run.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
+                           "--anomaly-digits", "1,3"])
+    trained = {(n, z, s, d): (object(), {"history": {"seconds": float(s + z + (d or 0))}})
+               for n in args.models for s in run.seeds_of(args)
+               for z, d in [(run.LATENT, None)] + [(run.LATENT_ANOMALY, d) for d in args.anomaly_digits]}
+    got = {}
+    for task in ("reconstruction", "classification", "baselines", "anomaly", "generation",
+                 "latent_structure"):
+        monkeypatch.setattr(run, f"task_{task}", lambda *a, _t=task, **k: got.setdefault(_t, a) and ({} if _t == "baselines" else ({}, None)))
+    for seed in run.seeds_of(args):
+        got.clear()
+        m = run.run_gauntlet(trained, data, args, seed, "judge", torch.device("cpu"), "out", first=False)
+        latent20 = {n: trained[(n, run.LATENT, seed, None)][0] for n in args.models}
+        for task in ("reconstruction", "classification", "generation"):
+            assert got[task][0] == latent20 and seed in got[task]
+        assert got["anomaly"][0] == {d: {n: trained[(n, run.LATENT_ANOMALY, seed, d)][0] for n in args.models}
+                                     for d in (1, 3)} and seed in got["anomaly"]
+        assert got["latent_structure"][:2] == (latent20, got["anomaly"][0][run.ANOMALY_DIGIT])
+        assert seed in got["baselines"] and "judge" in got["generation"]
+        assert m["training_seconds"] == {n: float(seed + run.LATENT) for n in args.models}
+
+
+def _spy_fit(monkeypatch):
+    """Replace ae.fit by a recorder that trains nothing; returns the list of its calls."""
+    calls = []
+
+    def fit(model, train_x, val_x, **kw):
+        calls.append({"model": model, "state": _snapshot(model), "x": (np.asarray(train_x), np.asarray(val_x)),
+                      **kw})
+        return {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
+
+    monkeypatch.setattr(ae, "fit", fit)
+    return calls
+
+
+def test_wiring_trainings_model_seed_and_images(wiring, tmp_path, monkeypatch):
+    folder, _, data = wiring
+    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "2", "--jobs", "1",
+                           "--models", "shallow,vae", "--seeds", "2", "--anomaly-digits", "1,3",
+                           "--batch-size", "64", "--lr", "0.002"])
+    calls = _spy_fit(monkeypatch)
+    jobs = run.training_jobs(args, data, str(tmp_path))
+    for job in jobs:
+        run.train_one(job, data, torch.device("cpu"))
+    row = {r.tobytes(): i for i, r in enumerate(data["x_all"])}
+    train, val = data["train_idx"], data["val_idx"]
+    # PROTOCOL.md 3: per seed and model, latent 20 on the full training part and latent 2 without
+    # each held-out digit
+    want = sorted((n, z, s, d) for n in ("shallow", "vae") for s in (42, 43)
+                  for z, d in [(20, None), (2, 1), (2, 3)])
+    assert sorted(run._key(j) for j in jobs) == want and len(calls) == len(want)
+    for job, c in zip(jobs, calls):
+        name, latent, seed, digit = run._key(job)
+        assert c["model"].name == name and c["model"].latent_dim == latent
+        assert _same(c["state"], _fresh_state(name, latent, seed))      # seeded before building
+        assert c.get("seed") == seed                                    # ... and before training
+        ids = [row[r.tobytes()] for r in c["x"][0]]
+        expected = train if digit is None else train[data["y_all"][train] != digit]
+        assert sorted(ids) == sorted(expected.tolist())
+        assert [row[r.tobytes()] for r in c["x"][1]] == val.tolist()
+        assert (c["epochs"], c["batch_size"], c["lr"]) == (2, 64, 0.002)
+
+
+def test_wiring_checkpoints_reused_only_with_the_same_settings_and_training_set(
+        wiring, tmp_path_factory, tmp_path, monkeypatch):
+    folder, _, data = wiring
+    other = _write_idx_set(tmp_path_factory.mktemp("other"), N_WIRING_TRAIN, N_WIRING_TEST, seed=2)
+    calls = _spy_fit(monkeypatch)
+
+    def trained(*extra, data_dir=folder):
+        args = run.parse_args(["--data-dir", str(data_dir), "--no-download", "--epochs", "1",
+                               "--jobs", "1", "--models", "shallow", *extra])
+        before = len(calls)
+        d = run.load_data(args)
+        run.train_all(run.training_jobs(args, d, str(tmp_path)), d, args, torch.device("cpu"))
+        return len(calls) - before
+
+    assert trained() == 2                       # latent 20, and latent 2 without the ones
+    assert trained() == 0                       # same settings, same data: both reused
+    assert trained(data_dir=other) == 2         # other images, same sizes
+    assert trained("--epochs", "2") == 2
+    assert trained("--seeds", "2") == 2         # seed 42 reused, seed 43 trained
+    assert trained("--anomaly-digits", "1,3") == 1
+
+
 # ---- run.py: trainings in parallel worker processes
 
 def test_plan_jobs_one_per_core_by_default(monkeypatch):
