@@ -1813,9 +1813,10 @@ def test_wiring_fixture_sets_are_distinct(wiring):
     _, _, data = wiring
     train, val, probe = (set(data[k].tolist()) for k in ("train_idx", "val_idx", "probe_idx"))
     no_ones = set(mnist.drop_class(data["train_idx"], data["y_all"], run.ANOMALY_DIGIT).tolist())
-    assert len(probe) == run.N_PROBE and probe < no_ones | probe and probe < train
-    assert len(no_ones) < len(train) and not probe <= no_ones and train & val == set()
-    assert len(train) > len(probe) and len(val) != len(data["x_test"])
+    # the 550 labelled images are a strict part of the training part, which the anomaly runs'
+    # training set is another strict part of; validation is apart; test images are other images
+    assert len(probe) == run.N_PROBE and probe < train and no_ones < train and not probe <= no_ones
+    assert not train & val and len(val) != len(data["x_test"]) != len(probe)
     test_rows = {row.tobytes() for row in data["x_test"]}
     assert not test_rows & {row.tobytes() for row in data["x_all"]}
 
@@ -2180,6 +2181,242 @@ def test_wiring_checkpoints_reused_only_with_the_same_settings_and_training_set(
     assert trained("--epochs", "2") == 2
     assert trained("--seeds", "2") == 2         # seed 42 reused, seed 43 trained
     assert trained("--anomaly-digits", "1,3") == 1
+
+
+# rules on both sides of their boundaries
+
+def _runs_with_std(mean, std):
+    """Three runs whose mean is `mean` and sample std (ddof 1) is `std`."""
+    return [mean - std, mean, mean + std]
+
+
+@pytest.mark.parametrize("mean", [64.0, 63.84])         # published 63.92 above and below our mean
+def test_boundary_published_within_two_std_not_one_or_three(mean):
+    within = lambda std: run._within(run.summarise([{"reconstruction_bce": {"vanilla": v}}
+                                                    for v in _runs_with_std(mean, std)]),
+                                     "reconstruction_bce", "vanilla")
+    assert within(0.05)          # 0.08 away: within 2 std (0.10), though not within 1 std
+    assert not within(0.035)     # 0.08 away: outside 2 std (0.07), though within 3 std
+
+
+def _audit_row(per_seed, prefix, names=ae.MODELS, digits=(1, 3)):
+    rows = run.audit(run.summarise(per_seed), list(names), list(digits))
+    return next(r for r in rows if r[0].startswith(prefix))
+
+
+@pytest.mark.parametrize("n_seeds", [3, 4])
+def test_boundary_verdict_counts_0_1_n_minus_1_n(n_seeds):
+    holds, fails = _claims_seed(), _claims_seed(("reconstruction_bce", {"stacked": 130.0}))
+    for k in range(n_seeds + 1):
+        row = _audit_row([holds] * k + [fails] * (n_seeds - k), "The shallow AE")
+        want = "confirmed" if k == n_seeds else "not confirmed" if k == 0 else "depends"
+        assert row[1] == want and f"holds in {k} of {n_seeds} seeds" in row[2]
+
+
+def _claims_seed(*changes):
+    """One seed's numbers for all nine models in which every claim of the article holds."""
+    s = {"reconstruction_bce": {"shallow": 120.0, "vanilla": 60.0, "sparse": 61.0, "vq": 62.0,
+                                "beta_vae_loose": 65.0, "vae": 70.0, "denoising": 75.0,
+                                "beta_vae_strict": 80.0, "stacked": 85.0},
+         "probe_accuracy_reference_protocol": {"denoising": 0.80, "vanilla": 0.78, "vq": 0.77,
+                                               "beta_vae_loose": 0.63, "stacked": 0.61, "vae": 0.60,
+                                               "beta_vae_strict": 0.50, "shallow": 0.45, "sparse": 0.22},
+         "probe_accuracy_baseline_as_published": {"vanilla": 0.44},
+         "probe_accuracy": {"denoising": 0.90, "vanilla": 0.88, "vq": 0.87, "beta_vae_loose": 0.85,
+                            "stacked": 0.84, "vae": 0.83, "beta_vae_strict": 0.82, "shallow": 0.81,
+                            "sparse": 0.50},
+         "anomaly_auc": {**{n: 0.80 for n in ae.MODELS}, "shallow": 0.95, "stacked": 0.90},
+         "anomaly_auc_signed_score": {**{n: 0.80 for n in ae.MODELS}, "shallow": 0.91, "stacked": 0.87},
+         "anomaly_auc_digit_1": {"shallow": 0.95, **{n: 0.80 for n in ae.MODELS[1:]}},
+         "anomaly_auc_digit_3": {"shallow": 0.85, **{n: 0.70 for n in ae.MODELS[1:]}},
+         "sample_legibility": {"beta_vae_strict": 0.90, "vae": 0.80, "beta_vae_loose": 0.70, "vq": 0.10},
+         "sample_diversity": {"beta_vae_strict": 2.0, "vae": 2.1, "beta_vae_loose": 2.2, "vq": 1.0},
+         "interpolation_confidence": {n: (0.821 if n in run.VARIATIONAL else 0.80) for n in ae.MODELS},
+         "training_seconds": {n: 100.0 + i for i, n in enumerate(ae.MODELS)}}
+    for metric, values in changes:
+        s[metric] = {**s[metric], **values}
+    return s
+
+
+# (start of the claim, a change of one seed's numbers, whether the claim still holds); each
+# claim once as it stands and once just across its boundary
+CLAIM_CASES = [
+    ("The shallow AE", ("reconstruction_bce", {"stacked": 119.0}), True),
+    ("The shallow AE", ("reconstruction_bce", {"stacked": 121.0}), False),
+    ("Vanilla, sparse and vq", ("reconstruction_bce", {"denoising": 62.5}), True),
+    ("Vanilla, sparse and vq", ("reconstruction_bce", {"denoising": 61.5}), False),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 60.5}), True),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 59.5}), False),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"vae": 81.0}), False),
+    ("Denoising features classify best (the article", ("probe_accuracy_reference_protocol", {"vanilla": 0.79}), True),
+    ("Denoising features classify best (the article", ("probe_accuracy_reference_protocol", {"vanilla": 0.81}), False),
+    ("Denoising features classify best (converged", ("probe_accuracy", {"vanilla": 0.89}), True),
+    ("Denoising features classify best (converged", ("probe_accuracy", {"vanilla": 0.91}), False),
+    ("Sparse features are not suited for classification: below the baseline",
+     ("probe_accuracy_reference_protocol", {"sparse": 0.43}), True),
+    ("Sparse features are not suited for classification: below the baseline",
+     ("probe_accuracy_reference_protocol", {"sparse": 0.44}), False),       # a tie is not below
+    ("Sparse features are not suited for classification: below the others' median",
+     ("probe_accuracy", {"sparse": 0.84}), True),                           # the median is 0.845
+    ("Sparse features are not suited for classification: below the others' median",
+     ("probe_accuracy", {"sparse": 0.848}), False),                         # the mean is 0.85
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.43}), True),   # one below
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.43, "vae": 0.43}), False),
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.44}), True),   # a tie: below
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.44, "vae": 0.44}), False),
+    ("Among the VAEs", ("probe_accuracy_reference_protocol", {"vae": 0.62}), True),
+    ("Among the VAEs", ("probe_accuracy_reference_protocol", {"vae": 0.64}), False),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"vq": 0.89}), True),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"vq": 0.91}), False),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"stacked": 0.96}), False),
+    ("Shallow is best at anomaly detection, stacked second (the article", ("anomaly_auc_signed_score", {"vq": 0.86}), True),
+    ("Shallow is best at anomaly detection, stacked second (the article", ("anomaly_auc_signed_score", {"vq": 0.88}), False),
+    ("The anomaly order is stable", ("anomaly_auc_digit_3", {"vq": 0.84}), True),
+    ("The anomaly order is stable", ("anomaly_auc_digit_3", {"vq": 0.86}), False),
+    ("The strict beta-VAE gives", ("sample_legibility", {"vae": 0.89}), True),
+    ("The strict beta-VAE gives", ("sample_legibility", {"vae": 0.91}), False),
+    ("The loose beta-VAE's samples", ("sample_diversity", {"beta_vae_loose": 2.01}), True),
+    ("The loose beta-VAE's samples", ("sample_diversity", {"beta_vae_loose": 2.0}), False),
+    ("The loose beta-VAE's samples", ("sample_legibility", {"beta_vae_loose": 0.9}), False),
+    ("vq-VAE samples", ("sample_legibility", {"beta_vae_loose": 0.11}), True),
+    ("vq-VAE samples", ("sample_legibility", {"beta_vae_loose": 0.09}), False),
+    ("VAE interpolations", ("interpolation_confidence", {"vae": 0.821}), True),     # lead 0.021
+    ("VAE interpolations", ("interpolation_confidence", {n: 0.819 for n in run.VARIATIONAL}), False),
+    ("Training time", ("training_seconds", {"shallow": 100.0 / 1.24 * 1.08}), True),   # x1.24
+    ("Training time", ("training_seconds", {"shallow": 108.0 / 1.26}), False),        # x1.26
+]
+
+
+def test_boundary_every_claim_holds_in_the_base_seed():
+    rows = run.audit(run.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
+    assert len(rows) == len(run.CLAIMS) and all(r[1] == "confirmed" for r in rows)
+
+
+@pytest.mark.parametrize("prefix, change, holds", CLAIM_CASES)
+def test_boundary_each_claim_both_sides(prefix, change, holds):
+    row = _audit_row([_claims_seed(change)], prefix)
+    assert row[1] == ("confirmed" if holds else "not confirmed"), row
+
+
+def test_boundary_legible_means_more_than_0_9():
+    def legibility(top):
+        probs = np.full((1, 10), (1 - top) / 9)
+        probs[0, 3] = top
+        return tasks.sample_quality(probs, np.eye(3), np.eye(3)[::-1])["legibility"]
+    assert [legibility(t) for t in (0.8999, 0.9, 0.9001)] == [0.0, 0.0, 1.0]
+
+
+def test_boundary_early_stopping_patience_3_and_a_tie_is_no_improvement():
+    lr, epochs = 0.1, 20
+    th = _ThresholdNet().thresholds(epochs, lr)
+    flip = lambda e: (th[e - 1] + th[e]) / 2       # x here is predicted 1 from epoch e on
+    # validation accuracy after epochs 1..5: 3, 3 (a tie), 2, 2, 4 of 6, then constant
+    x_val, y_val = np.c_[[flip(1), flip(2), flip(2), flip(3), flip(5), flip(5)]], np.array([1, 0, 1, 0, 1, 1])
+    # test accuracy of the weights after epoch 1, 2, 5 and 20: 1, 2, 3 and 4 of 4
+    x_test, y_test = np.c_[[flip(1), flip(2), flip(5), flip(10)]], np.ones(4, int)
+    x_train, y_train = np.c_[np.full(32, 10.0)], np.ones(32, int)
+    got = lambda **kw: tasks.train_classifier(_ThresholdNet(), x_train, y_train, x_val, y_val, x_test, y_test,
+                                              seed=0, epochs=epochs, batch_size=32, lr=lr, **kw)
+    assert tasks.REF_PATIENCE == 3
+    assert got() == 0.25                 # stops after epoch 4 (ties and falls), keeps epoch 1
+    assert got(patience=4) == 0.75       # one more epoch reaches the rise at epoch 5
+
+
+# science against the nearest plausible wrong reading
+
+def test_science_denoising_noise_std_is_0_5_not_the_variance():
+    # a grey image: x' = clip(0.5 + s eps, 0, 1) is clipped where |eps| > 0.5 / s, which happens
+    # to 2 Phi(-1) = 0.317 of the pixels for s = 0.5, 0.480 for the variance reading s = sqrt(0.5)
+    # and 0.046 for s = 0.25
+    model = _build("denoising").train()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model(torch.full((64, ae.INPUT_DIM), 0.5))
+    clipped = float(((seen[0] == 0) | (seen[0] == 1)).float().mean())
+    want = math.erfc(0.5 / ae.DENOISING_STD / math.sqrt(2))
+    assert ae.DENOISING_STD == 0.5 and abs(clipped - want) < 0.01       # 65,536 pixels: SE 0.002
+    assert abs(float(seen[0].mean()) - 0.5) < 0.01
+
+
+def test_science_frechet_non_commuting_covariances():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3)) @ np.array([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.0, 0.3, 1.0]])
+    b = rng.normal(size=(300, 3)) @ np.array([[0.5, 1.0, 0.0], [0.0, 1.0, 0.8], [0.7, 0.0, 0.4]]) + 1.0
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert not np.allclose(c1 @ c2, c2 @ c1, atol=0.1)         # precondition: they do not commute
+    # independent reference: tr sqrt(C1 C2) = sum of the square roots of C1 C2's eigenvalues
+    root_trace = np.sqrt(np.linalg.eigvals(c1 @ c2).real.clip(0)).sum()
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2) - 2 * root_trace
+    sqrt_psd = lambda c: (lambda w, v: (v * np.sqrt(w)) @ v.T)(*np.linalg.eigh(c))
+    wrong = want + 2 * root_trace - 2 * np.trace(sqrt_psd(c1) @ sqrt_psd(c2))   # commuting formula
+    assert abs(wrong - want) > 0.1                              # the test can tell them apart
+    assert tasks.frechet_distance(a, b) == pytest.approx(want, abs=1e-8)
+
+
+def test_science_vq_each_loss_term_reaches_only_its_parameters():
+    torch.manual_seed(0)
+    beta = 0.25                          # != 1, so swapped stop-gradients change the gradients
+    vq = ae.VectorQuantised(4, n_codes=8, beta=beta)
+    h = torch.randn(6, 4, requires_grad=True)
+    z, penalty, parts = vq.regularised(h)
+    q = vq.quantise(h).detach()
+    penalty.backward()
+    # d/dh [L_vq + beta L_c] = beta 2 (h - q) / B: only the commitment term reaches the encoder
+    assert torch.allclose(h.grad, beta * 2 * (h - q).detach() / 6, atol=1e-6)
+    # d/de [L_vq] = -2 (h - e) / B summed over the elements that chose e: only L_vq moves the codebook
+    idx = (h.detach().unsqueeze(2) - vq.codebook.detach()).abs().argmin(dim=2)
+    want = torch.zeros_like(vq.codebook)
+    for i in range(6):
+        for j in range(4):
+            want[j, idx[i, j]] += -2 * (h[i, j] - q[i, j]).detach() / 6
+    assert torch.allclose(vq.codebook.grad, want, atol=1e-6)
+    assert parts["vq"] == pytest.approx(parts["commitment"].item()) == pytest.approx(((h - q) ** 2).sum().item() / 6)
+    # the code passes the decoder's gradient to h unchanged, and none to the codebook
+    h.grad, vq.codebook.grad = None, None
+    w = torch.randn(6, 4)
+    (z * w).sum().backward()
+    assert torch.equal(h.grad, w) and (vq.codebook.grad is None or not vq.codebook.grad.any())
+
+
+def test_science_umap_pca_init_takes_the_two_largest_axes():
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    x = (rng.normal(size=(300, 6)) * [5.0, 2.0, 0.5, 0.4, 0.3, 0.2]) @ rotation.T + 3.0
+    y = umap_lite.pca_init(x, np.random.default_rng(1))
+    # independent reference: the SVD of the centred data; each axis up to sign, shift and scale
+    xc = x - x.mean(0)
+    u = np.linalg.svd(xc, full_matrices=False)[2][:2]
+    for axis in range(2):
+        assert abs(np.corrcoef(y[:, axis], xc @ u[axis])[0, 1]) > 0.9999
+    assert np.allclose(y.min(0), 0, atol=1e-5) and np.allclose(y.max(0), umap_lite.INIT_SCALE, atol=1e-5)
+
+
+class _FixedRng:
+    """Stands in for np.random.Generator in _sgd_step: every negative sample is point `k`."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def integers(self, low, high, size):
+        return np.full(size, self.k)
+
+
+@pytest.mark.parametrize("n_neg", [0, 1])
+def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
+    # two points joined by an edge, and (n_neg = 1) point 2 as the negative sample of point 0;
+    # close enough that nothing is clipped
+    a, b, alpha = 1.58, 0.9, 0.5
+    start = np.array([[0.0, 0.3, 1.1], [0.0, 0.2, -0.4]], np.float32)     # (2, n)
+    pos = start.copy()
+    umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([n_neg]), a, b, alpha, _FixedRng(2))
+    y = torch.tensor(start.T, dtype=torch.float64, requires_grad=True)    # (n, 2)
+    d2 = lambda i, j: ((y[i] - y[j]) ** 2).sum()
+    log_v = lambda i, j: -torch.log1p(a * d2(i, j) ** b)
+    # ascent on log v_01 moves both ends; on log(1 - v_02) (eps 1e-3 beside d^2 aside) only y_0
+    objective = log_v(0, 1) + n_neg * (torch.log(1 - torch.exp(log_v(0, 2))))
+    grad = torch.autograd.grad(objective, y)[0]
+    grad[2] = 0.0                                   # the negative sample stays put
+    np.testing.assert_allclose(pos - start, alpha * grad.numpy().T, rtol=3e-3, atol=1e-6)
 
 
 # ---- run.py: trainings in parallel worker processes
