@@ -2419,6 +2419,90 @@ def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
     np.testing.assert_allclose(pos - start, alpha * grad.numpy().T, rtol=3e-3, atol=1e-6)
 
 
+# ae.py: what the mutation run found unchecked (defaults, input edges, the loss average, files)
+
+def test_fit_defaults_are_the_protocols():
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(ae.fit).parameters.items()}
+    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["seed"]) == (60, 256, 1e-3, 42)
+    assert defaults["progress"] is True
+
+
+def test_fit_train_loss_is_the_mean_over_images_of_uneven_batches():
+    # shallow has no BatchNorm and no noise: with lr 0 every batch sees the same weights, so the
+    # epoch's training loss is the mean per-image loss over all 10 images (batches of 4, 4, 2)
+    model, x = _build("shallow", latent_dim=3), _pixels(10, seed=3)
+    history = ae.fit(model, x, _pixels(4), epochs=1, batch_size=4, lr=0.0, progress=False)
+    with torch.no_grad():
+        want = float(torch.stack([_hand_bce(model(x[i:i + 1]), x[i:i + 1]) for i in range(10)]).mean())
+    assert history["train_loss"][0] == pytest.approx(want, rel=1e-5)
+    assert 0 < history["seconds"] < 60
+
+
+@pytest.mark.parametrize("epochs, batch_size, ok", [(1, 2, True), (0, 16, False), (1, 1, False),
+                                                    (1.0, 16, False), (1, 2.0, False)])
+def test_fit_epochs_and_batch_size_each_checked_at_their_edge(epochs, batch_size, ok):
+    run_fit = lambda: ae.fit(_build("shallow", latent_dim=2), _pixels(4), _pixels(2), epochs=epochs,
+                             batch_size=batch_size, progress=False)
+    if ok:
+        assert len(run_fit()["val_loss"]) == 1
+    else:
+        with pytest.raises(ValueError, match="epochs >= 1 and batch_size >= 2"):
+            run_fit()
+
+
+@pytest.mark.parametrize("train, ok", [
+    (np.ones((2, ae.INPUT_DIM)), True),                               # float64, exactly 1, 2 rows
+    (np.ones((1, ae.INPUT_DIM)), False),                              # one row
+    (np.full((4, ae.INPUT_DIM), 1.0001), False),
+    (np.r_[np.full((1, ae.INPUT_DIM), np.nan), np.zeros((3, ae.INPUT_DIM))], False),
+    (np.full((4, ae.INPUT_DIM), -0.0001), False),
+])
+def test_fit_pixels_checked_at_their_edges(train, ok):
+    run_fit = lambda: ae.fit(_build("shallow", latent_dim=2), train, _pixels(2), epochs=1, batch_size=2,
+                             progress=False)
+    if ok:
+        assert np.isfinite(run_fit()["train_loss"][0])
+    else:
+        with pytest.raises(ValueError, match="train_x"):
+            run_fit()
+
+
+def test_stacked_train_mode_reaches_the_trainable_layers_only():
+    model = _build("stacked", latent_dim=4)
+    model.set_stage(2)
+    model.train()
+    assert model.training
+    assert all(m.training for m in model.encoder[1].modules())            # stage 2 trains layer 2
+    assert not any(m.training for m in model.encoder[0].modules())        # layer 1 is frozen
+    model.set_stage(None)
+    assert all(m.training for m in model.modules())
+
+
+def test_save_without_meta_and_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = _build("shallow", latent_dim=2)
+    ae.save(model, tmp_path / "m.pt")
+    assert ae.load(tmp_path / "m.pt")[1] == {}
+    with pytest.raises(ValueError, match=r"meta\['a'\]\[1\]"):
+        ae.save(model, tmp_path / "n.pt", meta={"a": [1, torch.zeros(1)]})   # a list's items too
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ae.save(model, tmp_path / "o.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch, capsys):
+    mps = torch.backends.mps
+    for cuda, has_mps, want in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(mps, "is_available", lambda: has_mps)
+        assert ae.pick_device().type == want
+    with pytest.raises(ValueError, match="MPS is not available"):
+        ae.pick_device("mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        ae.pick_device("abacus")
+
+
 # ---- run.py: trainings in parallel worker processes
 
 def test_plan_jobs_one_per_core_by_default(monkeypatch):
