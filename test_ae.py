@@ -2097,7 +2097,7 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
 
 
 def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch):
-    _, args, data = wiring
+    _, _, data = wiring
     args = run.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
                            "--anomaly-digits", "1,3"])
     trained = {(n, z, s, d): (object(), {"history": {"seconds": float(s + z + (d or 0))}})
