@@ -2491,6 +2491,15 @@ def test_save_without_meta_and_a_failed_save_leaves_nothing(tmp_path, monkeypatc
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
 
 
+def test_vq_codebook_starts_uniform_in_plus_minus_one_over_k_and_mu_of_a_plain_code_is_the_code():
+    codebook = _build("vq", latent_dim=20).bottleneck.codebook.detach()
+    k = ae.VQ_CODES
+    assert codebook.shape == (20, k) and codebook.abs().max() <= 1 / k
+    assert codebook.min() < -0.9 / k and codebook.max() > 0.9 / k      # both signs, the whole range
+    model, x = _build("vanilla", latent_dim=4).eval(), _pixels(3)
+    assert torch.equal(model.encode(x, sample=False), model.encode(x))   # no noise, no mean to take
+
+
 def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch, capsys):
     mps = torch.backends.mps
     for cuda, has_mps, want in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
