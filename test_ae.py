@@ -2039,6 +2039,739 @@ def test_published_within_two_std():
                            "reconstruction_bce", "vanilla")           # one run has no spread
 
 
+# ---- run.py: which model, which images, which labels, seed, k and mode each number comes from
+
+# Rules are asserted as PROTOCOL.md states them, for every metric a task reports, so that new
+# metrics and rows can appear without editing these tests. The task functions run for real; only
+# the expensive calls they make (encoders, probes, scores) are replaced by spies that log their
+# arguments and return a token that names the call.
+
+N_WIRING_TRAIN, N_WIRING_TEST = 1500, 200   # 150 val, 1350 train: 550 probe labels < training part
+WIRING_SEED = 43                            # not the default 42, so a dropped seed shows
+
+
+def _write_idx_set(folder, n_train, n_test, seed):
+    rng = np.random.default_rng(seed)
+    y_train, y_test = rng.permutation(np.arange(n_train) % 10), rng.permutation(np.arange(n_test) % 10)
+    for stem, arr in [("train-images-idx3-ubyte", _digit_like(y_train, rng)),
+                      ("train-labels-idx1-ubyte", y_train),
+                      ("t10k-images-idx3-ubyte", _digit_like(y_test, rng)),
+                      ("t10k-labels-idx1-ubyte", y_test)]:
+        (folder / f"{stem}.gz").write_bytes(_idx(arr))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def wiring(tmp_path_factory):
+    """(folder, args, data) of a data set whose protocol sets are all different sets."""
+    folder = _write_idx_set(tmp_path_factory.mktemp("wiring"), N_WIRING_TRAIN, N_WIRING_TEST, seed=1)
+    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "1", "--jobs", "1"])
+    return folder, args, run.load_data(args)
+
+
+def test_wiring_fixture_sets_are_distinct(wiring):
+    _, _, data = wiring
+    train, val, probe = (set(data[k].tolist()) for k in ("train_idx", "val_idx", "probe_idx"))
+    no_ones = set(mnist.drop_class(data["train_idx"], data["y_all"], run.ANOMALY_DIGIT).tolist())
+    # the 550 labelled images are a strict part of the training part, which the anomaly runs'
+    # training set is another strict part of; validation is apart; test images are other images
+    assert len(probe) == run.N_PROBE and probe < train and no_ones < train and not probe <= no_ones
+    assert not train & val and len(val) != len(data["x_test"]) != len(probe)
+    test_rows = {row.tobytes() for row in data["x_test"]}
+    assert not test_rows & {row.tobytes() for row in data["x_all"]}
+
+
+class _Wire:
+    """Spies on the tasks.* calls of run.py's task functions.
+
+    Fake codes name their image and model: row = [image id, model id, sampled], image id i >= 0
+    for data["x_all"][i] and -1 - j for data["x_test"][j]. Every spy logs its call and returns a
+    token (a float no other call returns), so each reported number leads back to one call.
+    """
+
+    def __init__(self, monkeypatch, data, models, seed=WIRING_SEED):
+        self.data, self.models, self.calls = data, list(models), {}
+        with torch.random.fork_rng():
+            self.fresh = torch.manual_seed(seed).get_state()    # the generator just seeded
+        self.row = {r.tobytes(): i for i, r in enumerate(data["x_all"])}
+        self.row.update({r.tobytes(): -1 - j for j, r in enumerate(data["x_test"])})
+        for fn in ("encode", "linear_probe", "train_classifier", "knn_predict", "anomaly_scores",
+                   "roc_auc", "average_precision", "per_image_bce", "interpolate", "judge_images",
+                   "sample_quality", "path_quality"):
+            monkeypatch.setattr(tasks, fn, getattr(self, fn))
+        self.encoded = []                          # (model, sample) of every model.encode call
+        for model in self.models:
+            monkeypatch.setattr(model, "encode", lambda x, sample=True, _m=model:
+                                self.encoded.append((_m, sample)) or torch.zeros(len(x), _m.latent_dim))
+            monkeypatch.setattr(model, "sample", lambda n, _m=model: self._samples(_m, n))
+
+    def _log(self, fn, **record):
+        token = 0.001 * (1 + sum(map(len, self.calls.values()))) + 0.123456
+        # seeded: torch's generator was seeded with the run seed just before this call; the draw
+        # after it stands for the noise an evaluation consumes
+        record.update(token=token, seeded=torch.equal(torch.get_rng_state(), self.fresh))
+        torch.rand(1)
+        self.calls.setdefault(fn, []).append(record)
+        return token
+
+    def ids(self, x):
+        """Image ids of the rows of x: images, or fake codes."""
+        x = np.asarray(x, np.float32)
+        if x.shape[1] == 3:
+            return x[:, 0].astype(int).tolist()
+        return [self.row[r.tobytes()] for r in x]
+
+    def labels_of(self, ids):
+        return np.array([self.data["y_all"][i] if i >= 0 else self.data["y_test"][-1 - i] for i in ids])
+
+    def by_token(self, fn, token):
+        found = [c for c in self.calls.get(fn, []) if abs(c["token"] - token) < 1e-6]
+        assert len(found) == 1, f"{fn} made no number {token}"
+        return found[0]
+
+    # -- the spies
+    def encode(self, model, x, sample=True):
+        ids = np.array(self.ids(x), np.float32)
+        return np.c_[ids, np.full(len(ids), self.models.index(model)), np.full(len(ids), float(sample))]
+
+    def linear_probe(self, z_train, y_train, z_val, y_val, z_test, y_test, **kw):
+        return self._log("linear_probe", z=(z_train, z_val, z_test), y=(y_train, y_val, y_test))
+
+    def train_classifier(self, net, x_train, y_train, x_val, y_val, x_test, y_test, seed=42, **kw):
+        self.encoded.clear()
+        with torch.no_grad():
+            net.eval()(torch.as_tensor(np.asarray(x_train[:2], np.float32)))
+        state = {**net.state_dict(), **{f"frozen.{k}": v for module in getattr(net, "_frozen", [])
+                                        for k, v in module.state_dict().items()}}
+        return self._log("train_classifier", net=net, state=state, encoded=list(self.encoded),
+                         x=(x_train, x_val, x_test), y=(y_train, y_val, y_test), seed=seed)
+
+    def knn_predict(self, z_ref, y_ref, z_query, k=10, exclude_self=False, block=1024):
+        ids = self.ids(z_query)
+        token = self._log("knn_predict", z=(z_ref, z_query), y_ref=y_ref, k=k, exclude_self=exclude_self)
+        right = round(token * 1000) % len(ids)      # accuracy = right / n names this call
+        self.calls["knn_predict"][-1]["accuracy"] = right / len(ids)
+        truth = self.labels_of(ids)
+        return np.where(np.arange(len(ids)) < right, truth, (truth + 1) % 10)
+
+    def anomaly_scores(self, model, x):
+        token = self._log("anomaly_scores", model=model, ids=self.ids(x))
+        return np.full(len(x), token), np.full(len(x), -token)      # (summed BCE, signed)
+
+    def roc_auc(self, labels, scores):
+        return self._log("roc_auc", labels=np.asarray(labels), score=float(np.asarray(scores)[0]))
+
+    def average_precision(self, labels, scores):
+        return self._log("average_precision", labels=np.asarray(labels), score=float(np.asarray(scores)[0]))
+
+    def per_image_bce(self, model, x):
+        return np.full(len(x), self._log("per_image_bce", model=model, ids=self.ids(x)))
+
+    def _samples(self, model, n):
+        token = self._log("sample", model=model, n=n)
+        return torch.full((n, ae.INPUT_DIM), token)
+
+    def interpolate(self, model, x_a, x_b, steps=tasks.INTERP_STEPS, fixed_noise=False, seed=0):
+        token = self._log("interpolate", model=model, ids=self.ids(np.stack([x_a, x_b])),
+                          fixed_noise=fixed_noise, call_seed=seed)
+        return np.full((steps + 2, ae.INPUT_DIM), token, np.float32)
+
+    def judge_images(self, judge, images):
+        images = np.asarray(images)
+        # test images by their ids; samples and frames by the token they are filled with
+        source = tuple(self.ids(images)) if images[0].tobytes() in self.row else float(images[0, 0])
+        token = self._log("judge_images", judge=judge, source=source, n=len(images))
+        return np.full((len(images), 10), token), np.full((len(images), 4), token)
+
+    def sample_quality(self, probs, features, test_features):
+        token = self._log("sample_quality", of=(probs[0, 0], features[0, 0], test_features[0, 0]))
+        return {"legibility": token, "diversity": token + 1e-7, "frechet": token + 2e-7}
+
+    def path_quality(self, probs, start_class, end_class):
+        token = self._log("path_quality", of=probs[0, 0], ends=(start_class, end_class))
+        return {"mean_confidence": token, "third_class": token + 1e-7, "classes_passed": []}
+
+
+def _wiring_models(names, latent, seed=0):
+    ae.set_seed(seed)
+    return {n: ae.build(n, latent).eval() for n in names}
+
+
+def _fresh_state(name, latent, seed):
+    """The model's weights as the run seed builds them (PROTOCOL.md 5: seeded before building)."""
+    ae.set_seed(seed)
+    return ae.build(name, latent).state_dict()
+
+
+def test_wiring_classification_every_number(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae"], run.LATENT)
+    w = _Wire(monkeypatch, data, models.values())
+    m, _ = run.task_classification(models, data, WIRING_SEED, quick=False)
+    probe, val, n_test = data["probe_idx"].tolist(), data["val_idx"].tolist(), len(data["x_test"])
+    test = [-1 - j for j in range(n_test)]
+    seen = set()
+    for metric, by_model in m.items():
+        for name, value in by_model.items():
+            index = w.models.index(models[name])
+            if metric == "probe_accuracy_reference_protocol":       # the article's probe
+                c = w.by_token("train_classifier", value)
+                assert {id(mod) for mod, _ in c["encoded"]} == {id(models[name])}   # this model
+                assert all(sample for _, sample in c["encoded"])    # the VAEs sample every call
+                assert [w.ids(x) for x in c["x"]] == [probe, val, test]
+                for x, y in zip(c["x"], c["y"]):
+                    np.testing.assert_array_equal(y, w.labels_of(w.ids(x)))
+                assert c["seed"] == WIRING_SEED
+            elif metric == "knn_probe_accuracy":
+                c = next(c for c in w.calls["knn_predict"] if c["accuracy"] == value)
+                ref, query = c["z"]
+                assert w.ids(ref) == probe and w.ids(query) == test and c["k"] == 10
+                assert not c["exclude_self"] and set(ref[:, 1]) == set(query[:, 1]) == {index}
+                assert set(ref[:, 2]) == {1.0}                      # a sample, for the VAEs
+                np.testing.assert_array_equal(c["y_ref"], w.labels_of(probe))
+            elif metric in ("probe_accuracy", "probe_accuracy_mu"):  # the converged probe
+                c = w.by_token("linear_probe", value)
+                assert [w.ids(z) for z in c["z"]] == [probe, val, test]
+                assert all(set(z[:, 1]) == {index} for z in c["z"])
+                assert all(set(z[:, 2]) == {float(metric == "probe_accuracy")} for z in c["z"])
+                for z, y in zip(c["z"], c["y"]):
+                    np.testing.assert_array_equal(y, w.labels_of(w.ids(z)))
+            elif metric.endswith("_labels"):                        # label budgets
+                budget = int(metric.split("_")[-2])
+                draws = [c for c in w.calls["linear_probe"] if len(c["z"][0]) == budget
+                         and set(c["z"][0][:, 1]) == {index} and w.ids(c["z"][0]) != probe]
+                assert len(draws) == run.BUDGET_DRAWS
+                assert value == pytest.approx(np.mean([c["token"] for c in draws]), abs=1e-12)
+                train = data["train_idx"]
+                for i, c in enumerate(draws):
+                    assert set(c["z"][0][:, 2]) == {1.0} and set(w.ids(c["z"][0])) <= set(train.tolist())
+                    assert np.bincount(w.labels_of(w.ids(c["z"][0])), minlength=10).tolist() == [budget // 10] * 10
+                    want = train[tasks.label_budget_indices(data["y_all"][train], budget // 10, WIRING_SEED + i)]
+                    assert sorted(w.ids(c["z"][0])) == sorted(want.tolist())
+                    assert [w.ids(z) for z in c["z"][1:]] == [val, test]
+            else:
+                continue
+            seen.add(metric)
+    assert {"probe_accuracy", "probe_accuracy_mu", "probe_accuracy_reference_protocol",
+            "knn_probe_accuracy", "probe_accuracy_10_labels", "probe_accuracy_550_labels"} <= seen
+    assert set(m["probe_accuracy_mu"]) == {"vae"}                   # mu only where there is one
+
+
+def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
+    _, _, data = wiring
+    w = _Wire(monkeypatch, data, [])
+    m = run.task_baselines(data, WIRING_SEED, torch.device("cpu"))
+    fresh = _fresh_state("vanilla", run.LATENT, WIRING_SEED)
+    encoder = {k: v for k, v in fresh.items() if k.startswith("encoder.")}
+    test = [-1 - j for j in range(len(data["x_test"]))]
+    assert m
+    for metric, by_model in m.items():
+        c = w.by_token("train_classifier", by_model["vanilla"])
+        # fresh weights from the run seed, never trained as an autoencoder: every encoder tensor
+        # of the seeded vanilla model is in the probe as built, and the head reads 20 numbers
+        state = list(c["state"].values())
+        assert all(any(s.shape == v.shape and torch.equal(s, v) for s in state) for v in encoder.values())
+        assert any(s.shape == (tasks.N_CLASSES, run.LATENT) for s in state)
+        assert [w.ids(x) for x in c["x"]] == [data["probe_idx"].tolist(), data["val_idx"].tolist(), test]
+        for x, y in zip(c["x"], c["y"]):
+            np.testing.assert_array_equal(y, w.labels_of(w.ids(x)))
+        assert c["seed"] == WIRING_SEED
+
+
+def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypatch):
+    _, _, data = wiring
+    digits = [run.ANOMALY_DIGIT, 3]
+    models2 = {d: _wiring_models(["shallow", "vae"], run.LATENT_ANOMALY, seed=d) for d in digits}
+    w = _Wire(monkeypatch, data, [mod for by in models2.values() for mod in by.values()])
+    m, _ = run.task_anomaly(models2, data, WIRING_SEED)
+    test, y_test = [-1 - j for j in range(len(data["x_test"]))], data["y_test"]
+    checked = set()
+    for metric, by_model in m.items():
+        if not metric.startswith("anomaly_"):
+            continue
+        digit = int(metric.split("digit_")[1]) if "digit_" in metric else run.ANOMALY_DIGIT
+        for name, value in by_model.items():
+            if name not in models2[digit]:
+                continue        # a reference row (no autoencoder)
+            c = w.by_token("average_precision" if "auprc" in metric else "roc_auc", value)
+            np.testing.assert_array_equal(c["labels"], y_test == digit)   # positives = the digit
+            signed = "signed" in metric
+            scored = w.by_token("anomaly_scores", -c["score"] if signed else c["score"])
+            assert scored["model"] is models2[digit][name]     # the model trained without it
+            assert scored["model"].latent_dim == run.LATENT_ANOMALY
+            assert scored["ids"] == test and scored["seeded"]
+            checked.add((metric, name))
+    assert {(k, n) for k in ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score",
+                             "anomaly_auc_digit_3") for n in ("shallow", "vae")} <= checked
+
+
+def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae"], run.LATENT)
+    models2 = _wiring_models(["vanilla", "vae"], run.LATENT_ANOMALY)
+    w = _Wire(monkeypatch, data, list(models.values()) + list(models2.values()))
+    monkeypatch.setattr(tasks, "reconstruct", lambda model, x: np.zeros((len(x), ae.INPUT_DIM)))
+    m, _ = run.task_reconstruction(models, data, WIRING_SEED)
+    m.update(run.task_latent_structure(models, models2, data, WIRING_SEED, quick=False)[0])
+    test = [-1 - j for j in range(len(data["x_test"]))]
+    for name in models:
+        c = w.by_token("per_image_bce", m["reconstruction_bce"][name])   # mean over the test images
+        assert c["model"] is models[name] and c["ids"] == test and c["seeded"]
+        c = next(c for c in w.calls["knn_predict"] if c["accuracy"] == m["latent_knn_accuracy"][name])
+        ref, query = c["z"]
+        assert w.ids(ref) == w.ids(query) == test and c["k"] == 10 and c["exclude_self"]
+        assert set(ref[:, 1]) == {w.models.index(models[name])} and set(ref[:, 2]) == {1.0}
+        np.testing.assert_array_equal(c["y_ref"], data["y_test"])
+
+
+def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
+    _, _, data = wiring
+    models = _wiring_models(["vanilla", "vae", "vq"], run.LATENT)
+    w = _Wire(monkeypatch, data, models.values())
+    judge = object()
+    m, _ = run.task_generation(models, data, judge, WIRING_SEED)
+    first = tuple(-1 - j for j in range(min(run.N_GENERATED, len(data["x_test"]))))
+    checked = set()
+    for metric, by_model in m.items():
+        for name, value in by_model.items():
+            if metric.startswith("sample_"):
+                c = w.by_token("sample_quality", value)
+                probs, features, test_features = (w.by_token("judge_images", t) for t in c["of"])
+                drawn = w.by_token("sample", probs["source"])
+                assert drawn["model"] is models[name] and name in ae.GENERATIVE
+                assert drawn["n"] == run.N_GENERATED and drawn["seeded"]
+                assert features is probs and test_features["source"] == first
+                assert probs["judge"] is judge and test_features["judge"] is judge
+            elif metric.startswith("interpolation_"):
+                c = w.by_token("path_quality", value)
+                frames = w.by_token("interpolate", w.by_token("judge_images", c["of"])["source"])
+                assert frames["model"] is models[name] and frames["ids"] == [-1, -2]   # test 0 and 1
+                assert frames["fixed_noise"] == metric.endswith("_fixed_noise")
+                assert frames["call_seed"] == WIRING_SEED and frames["seeded"]
+                assert c["ends"] == (data["y_test"][0], data["y_test"][1])
+            else:
+                continue
+            checked.add((metric.split("_")[0], name))
+    assert {("sample", "vae"), ("sample", "vq"), ("interpolation", "vanilla")} <= checked
+    assert ("sample", "vanilla") not in checked and set(m["interpolation_confidence_fixed_noise"]) == {"vae"}
+
+
+def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch):
+    _, _, data = wiring
+    args = run.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
+                           "--anomaly-digits", "1,3"])
+    trained = {(n, z, s, d): (object(), {"history": {"seconds": float(s + z + (d or 0))}})
+               for n in args.models for s in run.seeds_of(args)
+               for z, d in [(run.LATENT, None)] + [(run.LATENT_ANOMALY, d) for d in args.anomaly_digits]}
+    got = {}
+    for task in ("reconstruction", "classification", "baselines", "anomaly", "generation",
+                 "latent_structure"):
+        monkeypatch.setattr(run, f"task_{task}", lambda *a, _t=task, **k: got.setdefault(_t, a) and ({} if _t == "baselines" else ({}, None)))
+    for seed in run.seeds_of(args):
+        got.clear()
+        m = run.run_gauntlet(trained, data, args, seed, "judge", torch.device("cpu"), "out", first=False)
+        latent20 = {n: trained[(n, run.LATENT, seed, None)][0] for n in args.models}
+        for task in ("reconstruction", "classification", "generation"):
+            assert got[task][0] == latent20 and seed in got[task]
+        assert got["anomaly"][0] == {d: {n: trained[(n, run.LATENT_ANOMALY, seed, d)][0] for n in args.models}
+                                     for d in (1, 3)} and seed in got["anomaly"]
+        assert got["latent_structure"][:2] == (latent20, got["anomaly"][0][run.ANOMALY_DIGIT])
+        assert seed in got["baselines"] and "judge" in got["generation"]
+        assert m["training_seconds"] == {n: float(seed + run.LATENT) for n in args.models}
+
+
+def _spy_fit(monkeypatch):
+    """Replace ae.fit by a recorder that trains nothing; returns the list of its calls."""
+    calls = []
+
+    def fit(model, train_x, val_x, **kw):
+        calls.append({"model": model, "state": _snapshot(model), "x": (np.asarray(train_x), np.asarray(val_x)),
+                      **kw})
+        return {"train_loss": [], "val_loss": [], "stage": [], "seconds": 0.0}
+
+    monkeypatch.setattr(ae, "fit", fit)
+    return calls
+
+
+def test_wiring_trainings_model_seed_and_images(wiring, tmp_path, monkeypatch):
+    folder, _, data = wiring
+    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "2", "--jobs", "1",
+                           "--models", "shallow,vae", "--seeds", "2", "--anomaly-digits", "1,3",
+                           "--batch-size", "64", "--lr", "0.002"])
+    calls = _spy_fit(monkeypatch)
+    jobs = run.training_jobs(args, data, str(tmp_path))
+    for job in jobs:
+        run.train_one(job, data, torch.device("cpu"))
+    row = {r.tobytes(): i for i, r in enumerate(data["x_all"])}
+    train, val = data["train_idx"], data["val_idx"]
+    # PROTOCOL.md 3: per seed and model, latent 20 on the full training part and latent 2 without
+    # each held-out digit
+    want = sorted((n, z, s, d) for n in ("shallow", "vae") for s in (42, 43)
+                  for z, d in [(20, None), (2, 1), (2, 3)])
+    assert sorted(run._key(j) for j in jobs) == want and len(calls) == len(want)
+    for job, c in zip(jobs, calls):
+        name, latent, seed, digit = run._key(job)
+        assert c["model"].name == name and c["model"].latent_dim == latent
+        assert _same(c["state"], _fresh_state(name, latent, seed))      # seeded before building
+        assert c.get("seed") == seed                                    # ... and before training
+        ids = [row[r.tobytes()] for r in c["x"][0]]
+        expected = train if digit is None else train[data["y_all"][train] != digit]
+        assert sorted(ids) == sorted(expected.tolist())
+        assert [row[r.tobytes()] for r in c["x"][1]] == val.tolist()
+        assert (c["epochs"], c["batch_size"], c["lr"]) == (2, 64, 0.002)
+
+
+def test_wiring_checkpoints_reused_only_with_the_same_settings_and_training_set(
+        wiring, tmp_path_factory, tmp_path, monkeypatch):
+    folder, _, data = wiring
+    other = _write_idx_set(tmp_path_factory.mktemp("other"), N_WIRING_TRAIN, N_WIRING_TEST, seed=2)
+    calls = _spy_fit(monkeypatch)
+
+    def trained(*extra, data_dir=folder):
+        args = run.parse_args(["--data-dir", str(data_dir), "--no-download", "--epochs", "1",
+                               "--jobs", "1", "--models", "shallow", *extra])
+        before = len(calls)
+        d = run.load_data(args)
+        run.train_all(run.training_jobs(args, d, str(tmp_path)), d, args, torch.device("cpu"))
+        return len(calls) - before
+
+    assert trained() == 2                       # latent 20, and latent 2 without the ones
+    assert trained() == 0                       # same settings, same data: both reused
+    assert trained(data_dir=other) == 2         # other images, same sizes
+    assert trained("--epochs", "2") == 2
+    assert trained("--seeds", "2") == 2         # seed 42 reused, seed 43 trained
+    assert trained("--anomaly-digits", "1,3") == 1
+
+
+# rules on both sides of their boundaries
+
+def _runs_with_std(mean, std):
+    """Three runs whose mean is `mean` and sample std (ddof 1) is `std`."""
+    return [mean - std, mean, mean + std]
+
+
+@pytest.mark.parametrize("mean", [64.0, 63.84])         # published 63.92 above and below our mean
+def test_boundary_published_within_two_std_not_one_or_three(mean):
+    within = lambda std: run._within(run.summarise([{"reconstruction_bce": {"vanilla": v}}
+                                                    for v in _runs_with_std(mean, std)]),
+                                     "reconstruction_bce", "vanilla")
+    assert within(0.05)          # 0.08 away: within 2 std (0.10), though not within 1 std
+    assert not within(0.035)     # 0.08 away: outside 2 std (0.07), though within 3 std
+
+
+def _audit_row(per_seed, prefix, names=ae.MODELS, digits=(1, 3)):
+    rows = run.audit(run.summarise(per_seed), list(names), list(digits))
+    return next(r for r in rows if r[0].startswith(prefix))
+
+
+@pytest.mark.parametrize("n_seeds", [3, 4])
+def test_boundary_verdict_counts_0_1_n_minus_1_n(n_seeds):
+    holds, fails = _claims_seed(), _claims_seed(("reconstruction_bce", {"stacked": 130.0}))
+    for k in range(n_seeds + 1):
+        row = _audit_row([holds] * k + [fails] * (n_seeds - k), "The shallow AE")
+        want = "confirmed" if k == n_seeds else "not confirmed" if k == 0 else "depends"
+        assert row[1] == want and f"holds in {k} of {n_seeds} seeds" in row[2]
+
+
+def _claims_seed(*changes):
+    """One seed's numbers for all nine models in which every claim of the article holds."""
+    s = {"reconstruction_bce": {"shallow": 120.0, "vanilla": 60.0, "sparse": 61.0, "vq": 62.0,
+                                "beta_vae_loose": 65.0, "vae": 70.0, "denoising": 75.0,
+                                "beta_vae_strict": 80.0, "stacked": 85.0},
+         "probe_accuracy_reference_protocol": {"denoising": 0.80, "vanilla": 0.78, "vq": 0.77,
+                                               "beta_vae_loose": 0.63, "stacked": 0.61, "vae": 0.60,
+                                               "beta_vae_strict": 0.50, "shallow": 0.45, "sparse": 0.22},
+         "probe_accuracy_baseline_as_published": {"vanilla": 0.44},
+         "probe_accuracy": {"denoising": 0.90, "vanilla": 0.88, "vq": 0.87, "beta_vae_loose": 0.85,
+                            "stacked": 0.84, "vae": 0.83, "beta_vae_strict": 0.82, "shallow": 0.81,
+                            "sparse": 0.50},
+         "anomaly_auc": {**{n: 0.80 for n in ae.MODELS}, "shallow": 0.95, "stacked": 0.90},
+         "anomaly_auc_signed_score": {**{n: 0.80 for n in ae.MODELS}, "shallow": 0.91, "stacked": 0.87},
+         "anomaly_auc_digit_1": {"shallow": 0.95, **{n: 0.80 for n in ae.MODELS[1:]}},
+         "anomaly_auc_digit_3": {"shallow": 0.85, **{n: 0.70 for n in ae.MODELS[1:]}},
+         "sample_legibility": {"beta_vae_strict": 0.90, "vae": 0.80, "beta_vae_loose": 0.70, "vq": 0.10},
+         "sample_diversity": {"beta_vae_strict": 2.0, "vae": 2.1, "beta_vae_loose": 2.2, "vq": 1.0},
+         "interpolation_confidence": {n: (0.821 if n in run.VARIATIONAL else 0.80) for n in ae.MODELS},
+         "training_seconds": {n: 100.0 + i for i, n in enumerate(ae.MODELS)}}
+    for metric, values in changes:
+        s[metric] = {**s[metric], **values}
+    return s
+
+
+# (start of the claim, a change of one seed's numbers, whether the claim still holds); each
+# claim once as it stands and once just across its boundary
+CLAIM_CASES = [
+    ("The shallow AE", ("reconstruction_bce", {"stacked": 119.0}), True),
+    ("The shallow AE", ("reconstruction_bce", {"stacked": 121.0}), False),
+    ("Vanilla, sparse and vq", ("reconstruction_bce", {"denoising": 62.5}), True),
+    ("Vanilla, sparse and vq", ("reconstruction_bce", {"denoising": 61.5}), False),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 60.5}), True),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 59.5}), False),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"vae": 81.0}), False),
+    ("Denoising features classify best (the article", ("probe_accuracy_reference_protocol", {"vanilla": 0.79}), True),
+    ("Denoising features classify best (the article", ("probe_accuracy_reference_protocol", {"vanilla": 0.81}), False),
+    ("Denoising features classify best (converged", ("probe_accuracy", {"vanilla": 0.89}), True),
+    ("Denoising features classify best (converged", ("probe_accuracy", {"vanilla": 0.91}), False),
+    ("Sparse features are not suited for classification: below the baseline",
+     ("probe_accuracy_reference_protocol", {"sparse": 0.43}), True),
+    ("Sparse features are not suited for classification: below the baseline",
+     ("probe_accuracy_reference_protocol", {"sparse": 0.44}), False),       # a tie is not below
+    ("Sparse features are not suited for classification: below the others' median",
+     ("probe_accuracy", {"sparse": 0.84}), True),                           # the median is 0.845
+    ("Sparse features are not suited for classification: below the others' median",
+     ("probe_accuracy", {"sparse": 0.848}), False),                         # the mean is 0.85
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.43}), True),   # one below
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.43, "vae": 0.43}), False),
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.44}), True),   # a tie: below
+    ("Nearly all autoencoders", ("probe_accuracy_reference_protocol", {"shallow": 0.44, "vae": 0.44}), False),
+    ("Among the VAEs", ("probe_accuracy_reference_protocol", {"vae": 0.62}), True),
+    ("Among the VAEs", ("probe_accuracy_reference_protocol", {"vae": 0.64}), False),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"vq": 0.89}), True),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"vq": 0.91}), False),
+    ("Shallow is best at anomaly detection, stacked second (summed", ("anomaly_auc", {"stacked": 0.96}), False),
+    ("Shallow is best at anomaly detection, stacked second (the article", ("anomaly_auc_signed_score", {"vq": 0.86}), True),
+    ("Shallow is best at anomaly detection, stacked second (the article", ("anomaly_auc_signed_score", {"vq": 0.88}), False),
+    ("The anomaly order is stable", ("anomaly_auc_digit_3", {"vq": 0.84}), True),
+    ("The anomaly order is stable", ("anomaly_auc_digit_3", {"vq": 0.86}), False),
+    ("The strict beta-VAE gives", ("sample_legibility", {"vae": 0.89}), True),
+    ("The strict beta-VAE gives", ("sample_legibility", {"vae": 0.91}), False),
+    ("The loose beta-VAE's samples", ("sample_diversity", {"beta_vae_loose": 2.01}), True),
+    ("The loose beta-VAE's samples", ("sample_diversity", {"beta_vae_loose": 2.0}), False),
+    ("The loose beta-VAE's samples", ("sample_legibility", {"beta_vae_loose": 0.9}), False),
+    ("vq-VAE samples", ("sample_legibility", {"beta_vae_loose": 0.11}), True),
+    ("vq-VAE samples", ("sample_legibility", {"beta_vae_loose": 0.09}), False),
+    ("VAE interpolations", ("interpolation_confidence", {"vae": 0.821}), True),     # lead 0.021
+    ("VAE interpolations", ("interpolation_confidence", {n: 0.819 for n in run.VARIATIONAL}), False),
+    ("Training time", ("training_seconds", {"shallow": 100.0 / 1.24 * 1.08}), True),   # x1.24
+    ("Training time", ("training_seconds", {"shallow": 108.0 / 1.26}), False),        # x1.26
+]
+
+
+def test_boundary_every_claim_holds_in_the_base_seed():
+    rows = run.audit(run.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
+    assert len(rows) == len(run.CLAIMS) and all(r[1] == "confirmed" for r in rows)
+
+
+@pytest.mark.parametrize("prefix, change, holds", CLAIM_CASES)
+def test_boundary_each_claim_both_sides(prefix, change, holds):
+    row = _audit_row([_claims_seed(change)], prefix)
+    assert row[1] == ("confirmed" if holds else "not confirmed"), row
+
+
+def test_boundary_legible_means_more_than_0_9():
+    def legibility(top):
+        probs = np.full((1, 10), (1 - top) / 9)
+        probs[0, 3] = top
+        return tasks.sample_quality(probs, np.eye(3), np.eye(3)[::-1])["legibility"]
+    assert [legibility(t) for t in (0.8999, 0.9, 0.9001)] == [0.0, 0.0, 1.0]
+
+
+def test_boundary_early_stopping_patience_3_and_a_tie_is_no_improvement():
+    lr, epochs = 0.1, 20
+    th = _ThresholdNet().thresholds(epochs, lr)
+    flip = lambda e: (th[e - 1] + th[e]) / 2       # x here is predicted 1 from epoch e on
+    # validation accuracy after epochs 1..5: 3, 3 (a tie), 2, 2, 4 of 6, then constant
+    x_val, y_val = np.c_[[flip(1), flip(2), flip(2), flip(3), flip(5), flip(5)]], np.array([1, 0, 1, 0, 1, 1])
+    # test accuracy of the weights after epoch 1, 2, 5 and 20: 1, 2, 3 and 4 of 4
+    x_test, y_test = np.c_[[flip(1), flip(2), flip(5), flip(10)]], np.ones(4, int)
+    x_train, y_train = np.c_[np.full(32, 10.0)], np.ones(32, int)
+    got = lambda **kw: tasks.train_classifier(_ThresholdNet(), x_train, y_train, x_val, y_val, x_test, y_test,
+                                              seed=0, epochs=epochs, batch_size=32, lr=lr, **kw)
+    assert tasks.REF_PATIENCE == 3
+    assert got() == 0.25                 # stops after epoch 4 (ties and falls), keeps epoch 1
+    assert got(patience=4) == 0.75       # one more epoch reaches the rise at epoch 5
+
+
+# science against the nearest plausible wrong reading
+
+def test_science_denoising_noise_std_is_0_5_not_the_variance():
+    # a grey image: x' = clip(0.5 + s eps, 0, 1) is clipped where |eps| > 0.5 / s, which happens
+    # to 2 Phi(-1) = 0.317 of the pixels for s = 0.5, 0.480 for the variance reading s = sqrt(0.5)
+    # and 0.046 for s = 0.25
+    model = _build("denoising").train()
+    seen = []
+    model.encoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    model(torch.full((64, ae.INPUT_DIM), 0.5))
+    clipped = float(((seen[0] == 0) | (seen[0] == 1)).float().mean())
+    want = math.erfc(0.5 / ae.DENOISING_STD / math.sqrt(2))
+    assert ae.DENOISING_STD == 0.5 and abs(clipped - want) < 0.01       # 65,536 pixels: SE 0.002
+    assert abs(float(seen[0].mean()) - 0.5) < 0.01
+
+
+def test_science_frechet_non_commuting_covariances():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(400, 3)) @ np.array([[2.0, 0.0, 0.0], [1.5, 0.5, 0.0], [0.0, 0.3, 1.0]])
+    b = rng.normal(size=(300, 3)) @ np.array([[0.5, 1.0, 0.0], [0.0, 1.0, 0.8], [0.7, 0.0, 0.4]]) + 1.0
+    c1, c2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    assert not np.allclose(c1 @ c2, c2 @ c1, atol=0.1)         # precondition: they do not commute
+    # independent reference: tr sqrt(C1 C2) = sum of the square roots of C1 C2's eigenvalues
+    root_trace = np.sqrt(np.linalg.eigvals(c1 @ c2).real.clip(0)).sum()
+    want = ((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(c1 + c2) - 2 * root_trace
+    sqrt_psd = lambda c: (lambda w, v: (v * np.sqrt(w)) @ v.T)(*np.linalg.eigh(c))
+    wrong = want + 2 * root_trace - 2 * np.trace(sqrt_psd(c1) @ sqrt_psd(c2))   # commuting formula
+    assert abs(wrong - want) > 0.1                              # the test can tell them apart
+    assert tasks.frechet_distance(a, b) == pytest.approx(want, abs=1e-8)
+
+
+def test_science_vq_each_loss_term_reaches_only_its_parameters():
+    torch.manual_seed(0)
+    beta = 0.25                          # != 1, so swapped stop-gradients change the gradients
+    vq = ae.VectorQuantised(4, n_codes=8, beta=beta)
+    h = torch.randn(6, 4, requires_grad=True)
+    z, penalty, parts = vq.regularised(h)
+    q = vq.quantise(h).detach()
+    penalty.backward()
+    # d/dh [L_vq + beta L_c] = beta 2 (h - q) / B: only the commitment term reaches the encoder
+    assert torch.allclose(h.grad, beta * 2 * (h - q).detach() / 6, atol=1e-6)
+    # d/de [L_vq] = -2 (h - e) / B summed over the elements that chose e: only L_vq moves the codebook
+    idx = (h.detach().unsqueeze(2) - vq.codebook.detach()).abs().argmin(dim=2)
+    want = torch.zeros_like(vq.codebook)
+    for i in range(6):
+        for j in range(4):
+            want[j, idx[i, j]] += -2 * (h[i, j] - q[i, j]).detach() / 6
+    assert torch.allclose(vq.codebook.grad, want, atol=1e-6)
+    assert parts["vq"] == pytest.approx(parts["commitment"].item()) == pytest.approx(((h - q) ** 2).sum().item() / 6)
+    # the code passes the decoder's gradient to h unchanged, and none to the codebook
+    h.grad, vq.codebook.grad = None, None
+    w = torch.randn(6, 4)
+    (z * w).sum().backward()
+    assert torch.equal(h.grad, w) and (vq.codebook.grad is None or not vq.codebook.grad.any())
+
+
+def test_science_umap_pca_init_takes_the_two_largest_axes():
+    rng = np.random.default_rng(0)
+    rotation = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    x = (rng.normal(size=(300, 6)) * [5.0, 2.0, 0.5, 0.4, 0.3, 0.2]) @ rotation.T + 3.0
+    y = umap_lite.pca_init(x, np.random.default_rng(1))
+    # independent reference: the SVD of the centred data; each axis up to sign, shift and scale
+    xc = x - x.mean(0)
+    u = np.linalg.svd(xc, full_matrices=False)[2][:2]
+    for axis in range(2):
+        assert abs(np.corrcoef(y[:, axis], xc @ u[axis])[0, 1]) > 0.9999
+    assert np.allclose(y.min(0), 0, atol=1e-5) and np.allclose(y.max(0), umap_lite.INIT_SCALE, atol=1e-5)
+
+
+class _FixedRng:
+    """Stands in for np.random.Generator in _sgd_step: every negative sample is point `k`."""
+
+    def __init__(self, k):
+        self.k = k
+
+    def integers(self, low, high, size):
+        return np.full(size, self.k)
+
+
+@pytest.mark.parametrize("n_neg", [0, 1])
+def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
+    # two points joined by an edge, and (n_neg = 1) point 2 as the negative sample of point 0;
+    # close enough that nothing is clipped
+    a, b, alpha = 1.58, 0.9, 0.5
+    start = np.array([[0.0, 0.3, 1.1], [0.0, 0.2, -0.4]], np.float32)     # (2, n)
+    pos = start.copy()
+    umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([n_neg]), a, b, alpha, _FixedRng(2))
+    y = torch.tensor(start.T, dtype=torch.float64, requires_grad=True)    # (n, 2)
+    d2 = lambda i, j: ((y[i] - y[j]) ** 2).sum()
+    log_v = lambda i, j: -torch.log1p(a * d2(i, j) ** b)
+    # ascent on log v_01 moves both ends; on log(1 - v_02) (eps 1e-3 beside d^2 aside) only y_0
+    objective = log_v(0, 1) + n_neg * (torch.log(1 - torch.exp(log_v(0, 2))))
+    grad = torch.autograd.grad(objective, y)[0]
+    grad[2] = 0.0                                   # the negative sample stays put
+    np.testing.assert_allclose(pos - start, alpha * grad.numpy().T, rtol=3e-3, atol=1e-6)
+
+
+# ae.py: what the mutation run found unchecked (defaults, input edges, the loss average, files)
+
+def test_fit_defaults_are_the_protocols():
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(ae.fit).parameters.items()}
+    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"], defaults["seed"]) == (60, 256, 1e-3, 42)
+    assert defaults["progress"] is True
+
+
+def test_fit_train_loss_is_the_mean_over_images_of_uneven_batches():
+    # shallow has no BatchNorm and no noise: with lr 0 every batch sees the same weights, so the
+    # epoch's training loss is the mean per-image loss over all 10 images (batches of 4, 4, 2)
+    model, x = _build("shallow", latent_dim=3), _pixels(10, seed=3)
+    history = ae.fit(model, x, _pixels(4), epochs=1, batch_size=4, lr=0.0, progress=False)
+    with torch.no_grad():
+        want = float(torch.stack([_hand_bce(model(x[i:i + 1]), x[i:i + 1]) for i in range(10)]).mean())
+    assert history["train_loss"][0] == pytest.approx(want, rel=1e-5)
+    assert 0 < history["seconds"] < 60
+
+
+@pytest.mark.parametrize("epochs, batch_size, ok", [(1, 2, True), (0, 16, False), (1, 1, False),
+                                                    (1.0, 16, False), (1, 2.0, False)])
+def test_fit_epochs_and_batch_size_each_checked_at_their_edge(epochs, batch_size, ok):
+    run_fit = lambda: ae.fit(_build("shallow", latent_dim=2), _pixels(4), _pixels(2), epochs=epochs,
+                             batch_size=batch_size, progress=False)
+    if ok:
+        assert len(run_fit()["val_loss"]) == 1
+    else:
+        with pytest.raises(ValueError, match="epochs >= 1 and batch_size >= 2"):
+            run_fit()
+
+
+@pytest.mark.parametrize("train, ok", [
+    (np.ones((2, ae.INPUT_DIM)), True),                               # float64, exactly 1, 2 rows
+    (np.ones((1, ae.INPUT_DIM)), False),                              # one row
+    (np.full((4, ae.INPUT_DIM), 1.0001), False),
+    (np.r_[np.full((1, ae.INPUT_DIM), np.nan), np.zeros((3, ae.INPUT_DIM))], False),
+    (np.full((4, ae.INPUT_DIM), -0.0001), False),
+])
+def test_fit_pixels_checked_at_their_edges(train, ok):
+    run_fit = lambda: ae.fit(_build("shallow", latent_dim=2), train, _pixels(2), epochs=1, batch_size=2,
+                             progress=False)
+    if ok:
+        assert np.isfinite(run_fit()["train_loss"][0])
+    else:
+        with pytest.raises(ValueError, match="train_x"):
+            run_fit()
+
+
+def test_stacked_train_mode_reaches_the_trainable_layers_only():
+    model = _build("stacked", latent_dim=4)
+    model.set_stage(2)
+    model.train()
+    assert model.training
+    assert all(m.training for m in model.encoder[1].modules())            # stage 2 trains layer 2
+    assert not any(m.training for m in model.encoder[0].modules())        # layer 1 is frozen
+    model.set_stage(None)
+    assert all(m.training for m in model.modules())
+
+
+def test_save_without_meta_and_a_failed_save_leaves_nothing(tmp_path, monkeypatch):
+    model = _build("shallow", latent_dim=2)
+    ae.save(model, tmp_path / "m.pt")
+    assert ae.load(tmp_path / "m.pt")[1] == {}
+    with pytest.raises(ValueError, match=r"meta\['a'\]\[1\]"):
+        ae.save(model, tmp_path / "n.pt", meta={"a": [1, torch.zeros(1)]})   # a list's items too
+    monkeypatch.setattr(torch, "save", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        ae.save(model, tmp_path / "o.pt")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pt"]
+
+
+def test_vq_codebook_starts_uniform_in_plus_minus_one_over_k_and_mu_of_a_plain_code_is_the_code():
+    codebook = _build("vq", latent_dim=20).bottleneck.codebook.detach()
+    k = ae.VQ_CODES
+    assert codebook.shape == (20, k) and codebook.abs().max() <= 1 / k
+    assert codebook.min() < -0.9 / k and codebook.max() > 0.9 / k      # both signs, the whole range
+    model, x = _build("vanilla", latent_dim=4).eval(), _pixels(3)
+    assert torch.equal(model.encode(x, sample=False), model.encode(x))   # no noise, no mean to take
+
+
+def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch, capsys):
+    mps = torch.backends.mps
+    for cuda, has_mps, want in [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        monkeypatch.setattr(mps, "is_available", lambda: has_mps)
+        assert ae.pick_device().type == want
+    with pytest.raises(ValueError, match="MPS is not available"):
+        ae.pick_device("mps")
+    with pytest.raises(ValueError, match="unknown device"):
+        ae.pick_device("abacus")
+
+
 # ---- run.py: trainings in parallel worker processes
 
 def test_plan_jobs_one_per_core_by_default(monkeypatch):
