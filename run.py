@@ -61,7 +61,10 @@ VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can samp
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
 BUDGET_DRAWS = 3                # stratified draws per label budget
-N_GENERATED = 1000              # samples per generative model judged by the classifier
+N_GENERATED = 1000              # samples per model and sampler judged by the classifier
+SAMPLERS = {"": "own prior",    # metric-key suffix -> name; "" keeps the keys of the own priors
+            "_gmm": "ex-post mixture", "_categorical": "learned categorical (vq)",
+            "_gmm_prequant": "mixture before the quantiser (vq)"}
 N_SHOWN = 16                    # images per reconstruction row and per sample grid
 JUDGE_EPOCHS = 5
 QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
@@ -512,22 +515,23 @@ def task_anomaly(models2, data, seed):
 
 
 def task_generation(models, data, judge, seed):
-    """Samples of the generative models and interpolations of all, scored by the judge classifier."""
+    """Samples of every model under each of its samplers, and interpolations of all, scored by the judge."""
     x_test, y_test = data["x_test"], data["y_test"]
     _, test_features = tasks.judge_images(judge, x_test[:N_GENERATED])
     m, figs = {}, {"samples": {}, "notes": {}, "gifs": {}}
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for name, model in models.items():
-        if name in ae.GENERATIVE:
-            ae.set_seed(seed)
-            with torch.no_grad():
-                generated = model.eval().sample(N_GENERATED).cpu().numpy()   # (N_GENERATED, 1024)
+        samples, components = draw_samples(model, data, seed)
+        figs["samples"][name], figs["notes"][name] = {}, {}
+        for suffix, generated in samples.items():
             quality = tasks.sample_quality(*tasks.judge_images(judge, generated), test_features)
             for k, v in quality.items():
-                put(f"sample_{k}", name, v)
-            figs["samples"][name] = generated[:N_SHOWN]
-            figs["notes"][name] = (f"legible {quality['legibility']:.2f} | diversity "
-                                   f"{quality['diversity']:.2f} | FD {quality['frechet']:.0f}")
+                put(f"sample_{k}{suffix}", name, v)
+            figs["samples"][name][SAMPLERS[suffix]] = generated[:N_SHOWN]
+            figs["notes"][name][SAMPLERS[suffix]] = (f"legible {quality['legibility']:.2f} | diversity "
+                                                     f"{quality['diversity']:.2f} | FD {quality['frechet']:.0f}")
+        for suffix, k in components.items():
+            put(f"sample_components{suffix}", name, k)
         # between the first two test images; the VAEs also with their noise drawn once per path
         for suffix, fixed in [("", False)] + ([("_fixed_noise", True)] if name in VARIATIONAL else []):
             ae.set_seed(seed)
@@ -537,6 +541,40 @@ def task_generation(models, data, judge, seed):
             put(f"interpolation_third_class{suffix}", name, float(path["third_class"]))
             figs["gifs"][f"interp_{name}{suffix}.gif"] = frames
     return m, figs
+
+
+def draw_samples(model, data, seed):
+    """({metric suffix: (N_GENERATED, 1024) images}, {metric suffix: mixture size K}) of one model.
+
+    "" is the model's own prior, where it has one (model.sample); "_gmm" the ex-post Gaussian
+    mixture fitted to its training codes (the VAEs: sampled z, the codes their decoder was trained
+    on), K chosen on the validation codes, decoded. The vq-VAE adds "_categorical" (per-dimension
+    codebook frequencies of its training codes) and "_gmm_prequant" (a mixture on the encoder
+    outputs before the quantiser, whose samples pass the quantiser). Only training and
+    validation images are encoded: the test images never fit or choose anything.
+    """
+    train, val = data["train_idx"], data["val_idx"]
+    samples, components = {}, {}
+    ae.set_seed(seed)
+    own = model.eval().sample(N_GENERATED)
+    if own is not None:
+        samples[""] = own.cpu().numpy()                                  # (N_GENERATED, 1024)
+    ae.set_seed(seed)           # the same sampled codes as every other task's
+    z = tasks.encode(model, data["x_all"], sample=True)                 # (60000, Z)
+    gmm, _ = tasks.choose_gmm(z[train], z[val], seed)
+    samples["_gmm"] = tasks.decode(model, tasks.sample_gmm(gmm, N_GENERATED, seed))
+    components["_gmm"] = len(gmm["weights"])
+    if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
+        codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
+        freqs = tasks.categorical_prior(tasks.vq_indices(model, data["x_all"])[train], codebook.shape[1])
+        codes = tasks.sample_categorical(freqs, codebook, N_GENERATED, seed)   # (N_GENERATED, Z)
+        samples["_categorical"] = tasks.decode(model, codes)
+        h = tasks.encoder_outputs(model, data["x_all"])                 # (60000, Z), before the quantiser
+        gmm_h, _ = tasks.choose_gmm(h[train], h[val], seed)
+        samples["_gmm_prequant"] = tasks.decode(model, tasks.sample_gmm(gmm_h, N_GENERATED, seed),
+                                                through_bottleneck=True)
+        components["_gmm_prequant"] = len(gmm_h["weights"])
+    return samples, components
 
 
 def task_latent_structure(models, models2, data, seed, quick, map_dir=None):
@@ -627,7 +665,7 @@ def write_figures(figs, data, args, out_dir):
     at = lambda filename: os.path.join(out_dir, filename)
     tasks.plot_reconstructions(data["x_test"][:N_SHOWN], figs["reconstruction"], at("reconstructions.png"))
     if gen["samples"]:
-        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"])
+        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"], order=SAMPLERS.values())
     for filename, frames in gen["gifs"].items():
         tasks.save_gif(frames, at(filename))
     tasks.plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
@@ -811,10 +849,13 @@ def claim_anomaly_stable(s, names, digits):
     return len(wins) == len(digits), f"shallow best for {len(wins)} of {len(digits)} digits"
 
 
-def claim_strict_most_legible(s, names, digits):
-    legible = s["sample_legibility"]
-    best = max(legible, key=legible.get)
-    return best == "beta_vae_strict", ", ".join(f"{n} {v:.2f}" for n, v in legible.items())
+def claim_strict_most_legible(suffix):
+    """Among the contestants in `names` that have this sampler (never a reference model)."""
+    def check(s, names, digits):
+        legible = {n: v for n, v in s[f"sample_legibility{suffix}"].items() if n in names}
+        best = max(legible, key=legible.get)
+        return best == "beta_vae_strict", ", ".join(f"{n} {v:.2f}" for n, v in legible.items())
+    return check
 
 
 def claim_loose_diverse_less_legible(s, names, digits):
@@ -825,8 +866,28 @@ def claim_loose_diverse_less_legible(s, names, digits):
 
 
 def claim_vq_samples_worst(s, names, digits):
-    legible = s["sample_legibility"]
+    legible = {n: v for n, v in s["sample_legibility"].items() if n in names}   # own priors, contestants
     return min(legible, key=legible.get) == "vq", f"vq legible {legible['vq']:.2f}"
+
+
+def claim_vq_needs_learned_prior(suffix):
+    """The learned prior's vq-VAE samples beat uniform codes: more legible and a lower FD."""
+    def check(s, names, digits):
+        leg, fd = s[f"sample_legibility{suffix}"]["vq"], s[f"sample_frechet{suffix}"]["vq"]
+        leg0, fd0 = s["sample_legibility"]["vq"], s["sample_frechet"]["vq"]
+        return leg > leg0 and fd < fd0, f"legible {leg:.2f} vs {leg0:.2f} uniform, FD {fd:.0f} vs {fd0:.0f}"
+    return check
+
+
+def claim_only_vaes_sample(s, names, digits):
+    """No deterministic contestant with the ex-post mixture reaches the VAEs' mean legibility with
+    their own N(0, I) prior."""
+    mixture, own = s["sample_legibility_gmm"], s["sample_legibility"]
+    deterministic = [n for n in names if n not in ae.GENERATIVE]
+    vaes = float(np.mean([own[n] for n in names if n in VARIATIONAL]))
+    best = max(deterministic, key=mixture.get)
+    return mixture[best] < vaes, (f"best deterministic with the mixture: {best} {mixture[best]:.2f}; "
+                                  f"VAEs with their own prior: mean {vaes:.2f}")
 
 
 def claim_vae_interpolations(s, names, digits):
@@ -866,10 +927,21 @@ CLAIMS = [
     ("Shallow is best at anomaly detection, stacked second (the article's signed score).",
      ("shallow", "stacked"), claim_anomaly_order("anomaly_auc_signed_score")),
     ("The anomaly order is stable for other digits (shallow best).", ("shallow",), claim_anomaly_stable),
-    ("The strict beta-VAE gives the most meaningful samples.", ae.GENERATIVE, claim_strict_most_legible),
+    ("The strict beta-VAE gives the most meaningful samples (own priors: the four generative "
+     "contestants).", ae.GENERATIVE, claim_strict_most_legible("")),
+    ("The strict beta-VAE gives the most meaningful samples (ex-post mixture: all contestants).",
+     ae.GENERATIVE, claim_strict_most_legible("_gmm")),
     ("The loose beta-VAE's samples are more diverse but less legible than the strict one's.",
      ("beta_vae_strict", "beta_vae_loose"), claim_loose_diverse_less_legible),
     ("vq-VAE samples (uniform codes) do not resemble digits.", ae.GENERATIVE, claim_vq_samples_worst),
+    ("vq-VAE samples need a learned prior: a learned categorical prior beats uniform codes (more "
+     "legible, lower FD).", ("vq",), claim_vq_needs_learned_prior("_categorical")),
+    ("vq-VAE samples need a learned prior: an ex-post mixture on the codes beats uniform codes.",
+     ("vq",), claim_vq_needs_learned_prior("_gmm")),
+    ("vq-VAE samples need a learned prior: a mixture before the quantiser beats uniform codes.",
+     ("vq",), claim_vq_needs_learned_prior("_gmm_prequant")),
+    ("Only the VAEs can sample: no deterministic model with an ex-post mixture is as legible as the "
+     "VAEs' own prior (their mean).", ("vanilla",) + VARIATIONAL, claim_only_vaes_sample),
     (f"VAE interpolations stay digit-like; the others fade (VAEs lead the judge's confidence by "
      f"more than {CLEAR_MARGIN}).", ("vae", "vanilla"), claim_vae_interpolations),
     ("Training time is about the same for every model (within x1.25).", ("shallow", "vanilla"),
@@ -959,19 +1031,29 @@ def report_training_time(results, names, article):
 
 
 def report_samples(m, names):
-    gen = [n for n in names if n in ae.GENERATIVE]
-    if not gen:
+    shown = list(dict.fromkeys(names + list(m.get("sample_legibility_gmm", {}))))   # + reference models
+    rows = [[n, SAMPLERS[suffix], _fmt(m, f"sample_legibility{suffix}", n, 3),
+             _fmt(m, f"sample_diversity{suffix}", n, 2), _fmt(m, f"sample_frechet{suffix}", n, 1),
+             _fmt(m, f"sample_components{suffix}", n, 1)]
+            for n in shown for suffix in SAMPLERS if n in m.get(f"sample_legibility{suffix}", {})]
+    if not rows:
         return ""
     return ("## Samples\n\n"
-            f"{N_GENERATED} unconditional samples per model, scored by a small MLP digit classifier "
-            "(the *judge*, trained once on the training split): *legible* = share the judge "
+            f"{N_GENERATED} unconditional samples per model and sampler, scored by a small MLP digit "
+            "classifier (the *judge*, trained once on the training split): *legible* = share the judge "
             "classifies with confidence > 0.9; *diversity* = entropy of the predicted-class "
             "histogram (max ln 10 = 2.30); *FD* = Frechet distance between the judge's penultimate "
             f"features of samples and of {N_GENERATED} test images (lower is closer).\n\n"
-            + _table(["model", "legible ↑", "diversity ↑", "FD ↓"],
-                     [[n, _fmt(m, "sample_legibility", n, 3), _fmt(m, "sample_diversity", n, 2),
-                       _fmt(m, "sample_frechet", n, 1)] for n in gen])
-            + "\n![samples](samples.png)\n")
+            "Samplers: *own prior* = the model's own (N(0, I) for the VAEs, a uniform codebook index "
+            "per dimension for the vq-VAE, a reference model's own Gaussian); *ex-post mixture* = a "
+            "Gaussian mixture with full covariances fitted by EM to the model's training codes (the "
+            f"VAEs: sampled z), its size K from {{{', '.join(map(str, tasks.GMM_K_GRID))}}} chosen by "
+            "validation log-likelihood, decoded; *learned categorical* = each latent dimension's "
+            "codebook index drawn independently with its frequency among the training codes; "
+            "*mixture before the quantiser* = the mixture fitted to the vq-VAE's encoder outputs, its "
+            "samples quantised, then decoded. *K* = the chosen mixture size.\n\n"
+            + _table(["model", "sampler", "legible ↑", "diversity ↑", "FD ↓", "K"], rows)
+            + "\n![samples: one row per model, one column block per sampler](samples.png)\n")
 
 
 def report_interpolation(m, names):
