@@ -38,6 +38,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -553,27 +554,29 @@ def draw_samples(model, data, seed):
     outputs before the quantiser, whose samples pass the quantiser). Only training and
     validation images are encoded: the test images never fit or choose anything.
     """
-    train, val = data["train_idx"], data["val_idx"]
     samples, components = {}, {}
     ae.set_seed(seed)
     own = model.eval().sample(N_GENERATED)
     if own is not None:
         samples[""] = own.cpu().numpy()                                  # (N_GENERATED, 1024)
     ae.set_seed(seed)           # the same sampled codes as every other task's
-    z = tasks.encode(model, data["x_all"], sample=True)                 # (60000, Z)
-    gmm, _ = tasks.choose_gmm(z[train], z[val], seed)
-    samples["_gmm"] = tasks.decode(model, tasks.sample_gmm(gmm, N_GENERATED, seed))
-    components["_gmm"] = len(gmm["weights"])
+    mixtures = {"_gmm": (tasks.encode(model, data["x_all"], sample=True), False)}   # (60000, Z)
     if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
         codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
-        freqs = tasks.categorical_prior(tasks.vq_indices(model, data["x_all"])[train], codebook.shape[1])
-        codes = tasks.sample_categorical(freqs, codebook, N_GENERATED, seed)   # (N_GENERATED, Z)
+        indices = tasks.vq_indices(model, data["x_all"])[data["train_idx"]]
+        codes = tasks.sample_categorical(tasks.categorical_prior(indices, codebook.shape[1]), codebook,
+                                         N_GENERATED, seed)             # (N_GENERATED, Z)
         samples["_categorical"] = tasks.decode(model, codes)
-        h = tasks.encoder_outputs(model, data["x_all"])                 # (60000, Z), before the quantiser
-        gmm_h, _ = tasks.choose_gmm(h[train], h[val], seed)
-        samples["_gmm_prequant"] = tasks.decode(model, tasks.sample_gmm(gmm_h, N_GENERATED, seed),
-                                                through_bottleneck=True)
-        components["_gmm_prequant"] = len(gmm_h["weights"])
+        mixtures["_gmm_prequant"] = (tasks.encoder_outputs(model, data["x_all"]), True)   # before the quantiser
+    for suffix, (codes, through_bottleneck) in mixtures.items():
+        try:
+            gmm, _ = tasks.choose_gmm(codes[data["train_idx"]], codes[data["val_idx"]], seed)
+        except ValueError as err:     # codes that admit no mixture, e.g. every dimension dead
+            warnings.warn(f"{model.name}: no ex-post mixture ({err})", RuntimeWarning, stacklevel=2)
+            continue
+        draws = tasks.sample_gmm(gmm, N_GENERATED, seed)
+        samples[suffix] = tasks.decode(model, draws, through_bottleneck=through_bottleneck)
+        components[suffix] = len(gmm["weights"])
     return samples, components
 
 

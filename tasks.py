@@ -420,9 +420,9 @@ def fit_gmm(z, k, seed, starts=GMM_STARTS, ridge=GMM_RIDGE, max_iter=GMM_MAX_ITE
     Each start picks its K initial means by k-means++ (NumPy generator seeded with `seed`) and
     gives every component the data's covariance and weight 1/K; of the starts, the one with the
     highest training log-likelihood is kept. "log_likelihood" holds the mean training
-    log-likelihood per point after each E step (EM never lowers it; the last entry belongs to
-    the returned parameters). Raises ValueError for NaN or inf, fewer points than components, or
-    codes without any spread; warns when some dimensions are constant.
+    log-likelihood per point after each E step (EM never lowers it, float rounding aside; the
+    last entry belongs to the returned parameters). Raises ValueError for NaN or inf, fewer
+    points than components, or codes without any spread; warns when some dimensions are constant.
     """
     z = _gmm_points(z, "codes")
     n, d = z.shape
@@ -437,7 +437,7 @@ def fit_gmm(z, k, seed, starts=GMM_STARTS, ridge=GMM_RIDGE, max_iter=GMM_MAX_ITE
                       f"unit?); the ridge keeps the covariances invertible and samples keep them "
                       f"(almost) constant", RuntimeWarning, stacklevel=2)
     rng = np.random.default_rng(seed)
-    centred = z - z.mean(0)           # the E step expands (z - mu)^T P (z - mu): keep z near 0
+    centred = z - z.mean(0)           # both EM steps expand squares (_outer_products): keep z near 0
     fits = [_em(centred, _kmeans_plus_plus(centred, k, rng), ridge * spread.mean(), max_iter, tol)
             for _ in range(starts)]
     best = max(fits, key=lambda gmm: gmm["log_likelihood"][-1])

@@ -1708,6 +1708,18 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
         assert ks["_gmm"] in tasks.GMM_K_GRID
 
 
+def test_draw_samples_dead_codes_warn_and_skip_the_mixture(tiny_data):
+    _, data = _tiny_run_data(tiny_data, "--quick")
+    torch.manual_seed(0)
+    model = ae.build("vanilla", 20).eval()
+    with torch.no_grad():
+        model.encoder[-1].weight.zero_()
+        model.encoder[-1].bias.fill_(0.3)                # every code the same point
+    with pytest.warns(RuntimeWarning, match="vanilla: no ex-post mixture"):
+        samples, ks = run.draw_samples(model, data, 42)
+    assert samples == {} and ks == {}
+
+
 def _sample_seed(legible, frechet=None):
     """One seed's sample metrics: legible[suffix][model] (FD: 100 - 100 x legibility unless given)."""
     s = {f"sample_legibility{suffix}": dict(v) for suffix, v in legible.items()}
