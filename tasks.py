@@ -778,8 +778,11 @@ def plot_samples(samples, path, notes=None, order=()):
     plt = _pyplot()
     present = {s for by_sampler in samples.values() for s in by_sampler}
     samplers = [s for s in dict.fromkeys([*order, *(s for b in samples.values() for s in b)]) if s in present]
-    rows, cols = len(samples), len(samplers)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.4 * cols + 1, 1.25 * rows + 0.5), squeeze=False)
+    shown = next(iter(next(iter(samples.values())).values()))
+    cols = int(np.ceil(len(shown) / SAMPLE_ROWS))            # digits per row of a block
+    blank = _tile(shown, cols)
+    fig, axes = plt.subplots(len(samples), len(samplers), squeeze=False,
+                             figsize=(3.4 * len(samplers) + 1, 1.25 * len(samples) + 0.5))
     for r, (name, by_sampler) in enumerate(samples.items()):
         for c, sampler in enumerate(samplers):
             ax = axes[r, c]
@@ -789,10 +792,12 @@ def plot_samples(samples, path, notes=None, order=()):
             if c == 0:
                 ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
             if sampler not in by_sampler:
-                ax.axis("off")
+                # a white block of the same size: the row keeps its name, the column its title's height
+                ax.imshow(np.ones_like(blank), cmap="gray", vmin=0, vmax=1)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
                 continue
-            imgs = by_sampler[sampler]
-            ax.imshow(_tile(imgs, cols=int(np.ceil(len(imgs) / SAMPLE_ROWS))), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(_tile(by_sampler[sampler], cols), cmap="gray", vmin=0, vmax=1)
             if notes and sampler in notes.get(name, {}):
                 ax.set_xlabel(notes[name][sampler], fontsize=7)
     fig.tight_layout()
