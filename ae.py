@@ -188,11 +188,14 @@ class VectorQuantised(Identity):
         # one scalar codebook per latent dimension, (Z, K), initialised U(-1/K, 1/K)
         self.codebook = nn.Parameter(torch.empty(latent_dim, n_codes).uniform_(-1 / n_codes, 1 / n_codes))
 
+    def indices(self, h):
+        """Index of the nearest value per dimension: k_j = argmin_k |h_j - e_jk|, (B, Z) int."""
+        # (B, Z, 1) - (Z, K) -> (B, Z, K) -> (B, Z)
+        return (h.detach().unsqueeze(2) - self.codebook.detach()).abs().argmin(dim=2)
+
     def quantise(self, h):
         dims = torch.arange(h.shape[1], device=h.device)
-        # nearest value: k_j = argmin_k |h_j - e_jk|, (B, Z, 1) - (Z, K) -> (B, Z, K) -> (B, Z)
-        idx = (h.detach().unsqueeze(2) - self.codebook.detach()).abs().argmin(dim=2)
-        return self.codebook[dims, idx]  # (B, Z), differentiable w.r.t. the codebook
+        return self.codebook[dims, self.indices(h)]  # (B, Z), differentiable w.r.t. the codebook
 
     def forward(self, h):
         return self.straight_through(h, self.quantise(h))  # (B, H) -> (B, Z), H = Z

@@ -1,7 +1,7 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python bench.py [--data-dir DIR] [--only train|jobs|umap|all] [--device cpu]
+    python bench.py [--data-dir DIR] [--only train|jobs|umap|gmm|all] [--device cpu]
 
 The data is run.py's: data/mnist, downloaded there if missing (--data-dir for local files).
 
@@ -33,6 +33,11 @@ umap: umap_lite against umap-learn (optional: pip install umap-learn scikit-lear
   warm), peak extra memory, then umap_lite on the 60,000 training codes; both maps side by side
   in a PNG. Each embedding runs in a fresh child process.
 
+gmm: the ex-post Gaussian mixture (tasks.choose_gmm) on real codes: the 20-d codes of the 55,000
+  training images from a vanilla autoencoder trained for 3 epochs (as in umap), K chosen on the
+  5,000 validation codes. Times one fit at K = 10 and the whole choice over tasks.GMM_K_GRID (what
+  run.py does per model and seed; target < 10 s on 2 cores), with EM's iterations per K.
+
 Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
 on a busy machine the numbers are noisy, so check the load (uptime) first.
 """
@@ -55,6 +60,7 @@ from torch import nn
 import ae
 import mnist
 import run
+import tasks
 import umap_lite
 
 # ---- constants
@@ -336,7 +342,7 @@ def bench_umap(args, device=None):
     from sklearn.model_selection import cross_val_score
     from sklearn.neighbors import KNeighborsClassifier
 
-    train_codes, test_codes, labels = _umap_codes(args, device)
+    train_codes, test_codes, labels = _vanilla_codes(args, device)
     print(f"codes: {len(test_codes):,} x {test_codes.shape[1]} (MNIST test) from a vanilla "
           f"autoencoder trained {UMAP_AE_EPOCHS} epochs; load average {os.getloadavg()[0]:.2f}")
     (ours,) = _umap_run(test_codes, ["umap_lite"])
@@ -377,7 +383,7 @@ def bench_umap(args, device=None):
 # ---- umap helpers
 
 
-def _umap_codes(args, device):
+def _vanilla_codes(args, device):
     """Train a vanilla autoencoder briefly; its codes: train (60k, 20), test (10k, 20), labels."""
     train_images, _, test_images, test_labels = load_mnist(args)
     x = mnist.to_vectors(train_images)
@@ -440,9 +446,33 @@ def _umap_plot(rows, labels, path):
     os.replace(tmp, path)
 
 
+# ---- gmm
+
+GMM_K = 10                # one fit at Pythae's default mixture size, beside the whole grid
+
+
+def bench_gmm(args, device=None):
+    codes = _vanilla_codes(args, device)[0]                              # (60000, 20), file order
+    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(codes)))
+    z_train, z_val = codes[train_idx], codes[val_idx]
+    print(f"codes: {len(z_train):,} x {z_train.shape[1]} training, {len(z_val):,} validation, from a vanilla "
+          f"autoencoder trained {UMAP_AE_EPOCHS} epochs; torch threads {torch.get_num_threads()}, "
+          f"load average {os.getloadavg()[0]:.2f}")
+    start = time.perf_counter()
+    gmm = tasks.fit_gmm(z_train, GMM_K, seed=42)
+    one_s = time.perf_counter() - start
+    print(f"tasks.fit_gmm, K = {GMM_K}: {one_s:.1f} s, {len(gmm['log_likelihood'])} EM iterations")
+    start = time.perf_counter()
+    best, scores = tasks.choose_gmm(z_train, z_val, seed=42)
+    all_s = time.perf_counter() - start
+    print(f"tasks.choose_gmm over K = {', '.join(map(str, scores))}: {all_s:.1f} s (target < 10 s on 2 cores: "
+          f"{_umap_ok(all_s < 10)}); chosen K = {len(best['weights'])}; validation log-likelihood per code "
+          + ", ".join(f"{k}: {v:.2f}" for k, v in scores.items()))
+
+
 # ---- main
 
-SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap}
+SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap, "gmm": bench_gmm}
 
 
 def main():

@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import traceback
+import warnings
 
 import numpy as np
 import torch
@@ -68,7 +69,10 @@ VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can samp
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
 BUDGET_DRAWS = 3                # stratified draws per label budget
-N_GENERATED = 1000              # samples per generative model judged by the classifier
+N_GENERATED = 1000              # samples per model and sampler judged by the classifier
+SAMPLERS = {"": "own prior",    # metric-key suffix -> name; "" keeps the keys of the own priors
+            "_gmm": "ex-post mixture", "_categorical": "learned categorical (vq)",
+            "_gmm_prequant": "mixture before the quantiser (vq)"}
 N_SHOWN = 16                    # images per reconstruction row and per sample grid
 JUDGE_EPOCHS = 5
 QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
@@ -706,22 +710,23 @@ def task_anomaly(anomaly, data, seed):
 
 
 def task_generation(models, data, judge, seed):
-    """Samples of the generative models and interpolations of all, scored by the judge classifier."""
+    """Samples of every model under each of its samplers, and interpolations of all, scored by the judge."""
     x_test, y_test = data["x_test"], data["y_test"]
     _, test_features = tasks.judge_images(judge, x_test[:N_GENERATED])
     m, figs = {}, {"samples": {}, "notes": {}, "gifs": {}}
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for name, model in models.items():
-        if name in ae.GENERATIVE:
-            ae.set_seed(seed)
-            with torch.no_grad():
-                generated = model.eval().sample(N_GENERATED).cpu().numpy()   # (N_GENERATED, 1024)
+        samples, components = draw_samples(model, data, seed)
+        figs["samples"][name], figs["notes"][name] = {}, {}
+        for suffix, generated in samples.items():
             quality = tasks.sample_quality(*tasks.judge_images(judge, generated), test_features)
             for k, v in quality.items():
-                put(f"sample_{k}", name, v)
-            figs["samples"][name] = generated[:N_SHOWN]
-            figs["notes"][name] = (f"legible {quality['legibility']:.2f} | diversity "
-                                   f"{quality['diversity']:.2f} | FD {quality['frechet']:.0f}")
+                put(f"sample_{k}{suffix}", name, v)
+            figs["samples"][name][SAMPLERS[suffix]] = generated[:N_SHOWN]
+            figs["notes"][name][SAMPLERS[suffix]] = (f"legible {quality['legibility']:.2f} | diversity "
+                                                     f"{quality['diversity']:.2f} | FD {quality['frechet']:.0f}")
+        for suffix, k in components.items():
+            put(f"sample_components{suffix}", name, k)
         # between the first two test images; the VAEs also with their noise drawn once per path
         for suffix, fixed in [("", False)] + ([("_fixed_noise", True)] if name in VARIATIONAL else []):
             ae.set_seed(seed)
@@ -731,6 +736,42 @@ def task_generation(models, data, judge, seed):
             put(f"interpolation_third_class{suffix}", name, float(path["third_class"]))
             figs["gifs"][f"interp_{name}{suffix}.gif"] = frames
     return m, figs
+
+
+def draw_samples(model, data, seed):
+    """({metric suffix: (N_GENERATED, 1024) images}, {metric suffix: mixture size K}) of one model.
+
+    "" is the model's own prior, where it has one (model.sample); "_gmm" the ex-post Gaussian
+    mixture fitted to its training codes (the VAEs: sampled z, the codes their decoder was trained
+    on), K chosen on the validation codes, decoded. The vq-VAE adds "_categorical" (per-dimension
+    codebook frequencies of its training codes) and "_gmm_prequant" (a mixture on the encoder
+    outputs before the quantiser, whose samples pass the quantiser). Only training and
+    validation images are encoded: the test images never fit or choose anything.
+    """
+    samples, components = {}, {}
+    ae.set_seed(seed)
+    own = model.eval().sample(N_GENERATED)
+    if own is not None:
+        samples[""] = own.cpu().numpy()                                  # (N_GENERATED, 1024)
+    ae.set_seed(seed)           # the same sampled codes as every other task's
+    mixtures = {"_gmm": (tasks.encode(model, data["x_all"], sample=True), False)}   # (60000, Z)
+    if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
+        codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
+        indices = tasks.vq_indices(model, data["x_all"])[data["train_idx"]]
+        codes = tasks.sample_categorical(tasks.categorical_prior(indices, codebook.shape[1]), codebook,
+                                         N_GENERATED, seed)             # (N_GENERATED, Z)
+        samples["_categorical"] = tasks.decode(model, codes)
+        mixtures["_gmm_prequant"] = (tasks.encoder_outputs(model, data["x_all"]), True)   # before the quantiser
+    for suffix, (codes, through_bottleneck) in mixtures.items():
+        try:
+            gmm, _ = tasks.choose_gmm(codes[data["train_idx"]], codes[data["val_idx"]], seed)
+        except ValueError as err:     # codes that admit no mixture, e.g. every dimension dead
+            warnings.warn(f"{model.name}: no ex-post mixture ({err})", RuntimeWarning, stacklevel=2)
+            continue
+        draws = tasks.sample_gmm(gmm, N_GENERATED, seed)
+        samples[suffix] = tasks.decode(model, draws, through_bottleneck=through_bottleneck)
+        components[suffix] = len(gmm["weights"])
+    return samples, components
 
 
 def task_latent_structure(models, models_z2, data, seed, quick, map_dir=None):
@@ -833,7 +874,7 @@ def write_figures(figs, data, args, out_dir):
     at = lambda filename: os.path.join(out_dir, filename)
     tasks.plot_reconstructions(data["x_test"][:N_SHOWN], figs["reconstruction"], at("reconstructions.png"))
     if gen["samples"]:
-        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"])
+        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"], order=SAMPLERS.values())
     for filename, frames in gen["gifs"].items():
         tasks.save_gif(frames, at(filename))
     tasks.plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
@@ -1079,10 +1120,13 @@ def claim_beat_pixels(metric):
     return check
 
 
-def claim_strict_most_legible(s, names, digits):
-    legible = s["sample_legibility"]
-    best = max(legible, key=legible.get)
-    return best == "beta_vae_strict", _listed(legible, list(legible), 2)
+def claim_strict_most_legible(suffix):
+    """Among the contestants in `names` that have this sampler (never a reference model)."""
+    def check(s, names, digits):
+        legible = {n: v for n, v in s[f"sample_legibility{suffix}"].items() if n in names}
+        best = max(legible, key=legible.get)
+        return best == "beta_vae_strict", _listed(legible, list(legible), 2)
+    return check
 
 
 def claim_loose_diverse_less_legible(s, names, digits):
@@ -1095,9 +1139,29 @@ def claim_loose_diverse_less_legible(s, names, digits):
 
 
 def claim_vq_samples_worst(s, names, digits):
-    legible = s["sample_legibility"]
+    legible = {n: v for n, v in s["sample_legibility"].items() if n in names}   # own priors, contestants
     least = sorted(legible, key=legible.get)[:2]
     return least[0] == "vq", "least legible: " + _listed(legible, least, 2)
+
+
+def claim_vq_needs_learned_prior(suffix):
+    """The learned prior's vq-VAE samples beat uniform codes: more legible and a lower FD."""
+    def check(s, names, digits):
+        leg, fd = s[f"sample_legibility{suffix}"]["vq"], s[f"sample_frechet{suffix}"]["vq"]
+        leg0, fd0 = s["sample_legibility"]["vq"], s["sample_frechet"]["vq"]
+        return leg > leg0 and fd < fd0, f"legible {leg:.2f} vs {leg0:.2f} uniform, FD {fd:.0f} vs {fd0:.0f}"
+    return check
+
+
+def claim_only_vaes_sample(s, names, digits):
+    """No deterministic contestant with the ex-post mixture reaches the VAEs' mean legibility with
+    their own N(0, I) prior."""
+    mixture, own = s["sample_legibility_gmm"], s["sample_legibility"]
+    deterministic = [n for n in names if n not in ae.GENERATIVE]
+    vaes = float(np.mean([own[n] for n in names if n in VARIATIONAL]))
+    best = max(deterministic, key=mixture.get)
+    return mixture[best] < vaes, (f"best deterministic with the mixture: {best} {mixture[best]:.2f}; "
+                                  f"VAEs with their own prior: mean {vaes:.2f}")
 
 
 def claim_vae_interpolations(s, names, digits):
@@ -1156,10 +1220,21 @@ CLAIMS = [
      "(converged probe).", (), claim_beat_pixels("probe_accuracy")),
     ("(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them "
      "(the article's probe).", (), claim_beat_pixels("probe_accuracy_reference_protocol")),
-    ("The strict beta-VAE gives the most meaningful samples.", ae.GENERATIVE, claim_strict_most_legible),
+    ("The strict beta-VAE gives the most meaningful samples (own priors: the four generative "
+     "contestants).", ae.GENERATIVE, claim_strict_most_legible("")),
+    ("The strict beta-VAE gives the most meaningful samples (ex-post mixture: all contestants).",
+     ae.GENERATIVE, claim_strict_most_legible("_gmm")),
     ("The loose beta-VAE's samples are more diverse but less legible than the strict one's.",
      ("beta_vae_strict", "beta_vae_loose"), claim_loose_diverse_less_legible),
     ("vq-VAE samples (uniform codes) do not resemble digits.", ae.GENERATIVE, claim_vq_samples_worst),
+    ("vq-VAE samples need a learned prior: a learned categorical prior beats uniform codes (more "
+     "legible, lower FD).", ("vq",), claim_vq_needs_learned_prior("_categorical")),
+    ("vq-VAE samples need a learned prior: an ex-post mixture on the codes beats uniform codes.",
+     ("vq",), claim_vq_needs_learned_prior("_gmm")),
+    ("vq-VAE samples need a learned prior: a mixture before the quantiser beats uniform codes.",
+     ("vq",), claim_vq_needs_learned_prior("_gmm_prequant")),
+    ("Only the VAEs can sample: no deterministic model with an ex-post mixture is as legible as the "
+     "VAEs' own prior (their mean).", ("vanilla",) + VARIATIONAL, claim_only_vaes_sample),
     (f"VAE interpolations stay digit-like; the others fade (VAEs lead the judge's confidence by "
      f"more than {CLEAR_MARGIN}).", ("vae", "vanilla"), claim_vae_interpolations),
     (f"Training time is about the same for every model (within x{SAME_TIME_RATIO}).", ("shallow", "vanilla"),
@@ -1271,19 +1346,29 @@ def report_training_time(results, names, article):
 
 
 def report_samples(m, names):
-    gen = [n for n in names if n in ae.GENERATIVE]
-    if not gen:
+    shown = _rows(m, ["sample_legibility", "sample_legibility_gmm"], names)   # + reference models
+    rows = [[_label(n), SAMPLERS[suffix], _fmt(m, f"sample_legibility{suffix}", n, 3),
+             _fmt(m, f"sample_diversity{suffix}", n, 2), _fmt(m, f"sample_frechet{suffix}", n, 1),
+             _fmt(m, f"sample_components{suffix}", n, 1)]
+            for n in shown for suffix in SAMPLERS if n in m.get(f"sample_legibility{suffix}", {})]
+    if not rows:
         return ""
     return ("## Samples\n\n"
-            f"{N_GENERATED} unconditional samples per model, scored by a small MLP digit classifier "
-            "(the *judge*, trained once on the training split): *legible* = share the judge "
+            f"{N_GENERATED} unconditional samples per model and sampler, scored by a small MLP digit "
+            "classifier (the *judge*, trained once on the training split): *legible* = share the judge "
             "classifies with confidence > 0.9; *diversity* = entropy of the predicted-class "
             "histogram (max ln 10 = 2.30); *FD* = Frechet distance between the judge's penultimate "
             f"features of samples and of {N_GENERATED} test images (lower is closer).\n\n"
-            + _table(["model", "legible ↑", "diversity ↑", "FD ↓"],
-                     [[n, _fmt(m, "sample_legibility", n, 3), _fmt(m, "sample_diversity", n, 2),
-                       _fmt(m, "sample_frechet", n, 1)] for n in gen])
-            + "\n![samples](samples.png)\n")
+            "Samplers: *own prior* = the model's own (N(0, I) for the VAEs, a uniform codebook index "
+            "per dimension for the vq-VAE, a reference model's own Gaussian); *ex-post mixture* = a "
+            "Gaussian mixture with full covariances fitted by EM to the model's training codes (the "
+            f"VAEs: sampled z), its size K from {{{', '.join(map(str, tasks.GMM_K_GRID))}}} chosen by "
+            "validation log-likelihood, decoded; *learned categorical* = each latent dimension's "
+            "codebook index drawn independently with its frequency among the training codes; "
+            "*mixture before the quantiser* = the mixture fitted to the vq-VAE's encoder outputs, its "
+            "samples quantised, then decoded. *K* = the chosen mixture size.\n\n"
+            + _table(["model", "sampler", "legible ↑", "diversity ↑", "FD ↓", "K"], rows)
+            + "\n![samples: one row per model, one column block per sampler](samples.png)\n")
 
 
 def report_interpolation(m, names):

@@ -13,11 +13,16 @@ Sections:
                    Frechet distance (NumPy)
     probes         converged multinomial logistic regression (NumPy Newton), the article's
                    probe (a linear layer trained with Adam, torch), label budgets
+    samplers       a Gaussian mixture fitted by EM (NumPy), K chosen on validation codes; the
+                   vq-VAE's learned categorical prior
     model tasks    reconstruction error, anomaly scores, interpolation, samples as numbers
     figures        reconstructions, samples, interpolation GIF, latent maps, ROC curves
 
 References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
-Heusel et al. (2017) for the Frechet distance; the protocol is PROTOCOL.md.
+Heusel et al. (2017) for the Frechet distance; Dempster, Laird & Rubin (1977) and Bishop (2006,
+section 9.2) for EM on a Gaussian mixture; Arthur & Vassilvitskii (2007) for k-means++; Ghosh et
+al. (2020) and Chadebec et al. (2022, Pythae) for sampling any autoencoder from a mixture fitted
+to its codes after training; the protocol is PROTOCOL.md.
 Simplified: the probe's Newton solver forms the full Hessian, which is fine for the latent sizes
 here (up to a few hundred weights) but not for raw pixels.
 """
@@ -43,7 +48,22 @@ REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the article's 
 INTERP_STEPS = 128           # interior points between the two test images, as the companion code did
 GIF_FRAME_MS, GIF_PAUSE_MS = 40, 800   # ~25 fps along the path, a pause on each real image
 GIF_SCALE = 2                # 32 px digits are too small to see; nearest-neighbour upscaling
+SAMPLE_ROWS = 2              # rows of digits per model and sampler in the samples figure
 CONFIDENT = 0.9              # "legible": the judge classifier is at least this sure
+# Mixture sizes tried; the validation codes pick one. Pythae's default of 10 lies inside; 20 caps
+# the time (bench.py gmm), although the validation likelihood of real codes still rises there.
+GMM_K_GRID = (1, 2, 5, 10, 20)
+GMM_STARTS = 1               # k-means++ starts per K (the best training fit is kept); each costs a fit
+GMM_MAX_ITER = 100           # EM meets GMM_TOL in 20 to 30 iterations here; this stops pathologies
+# Stop when the mean log-likelihood per point gains less than this (nats) in one iteration. On
+# bench.py gmm's codes, 120 more iterations would add only 0.14 (K = 10) and 0.21 (K = 20) nats,
+# well below the 1.3 to 2.5 nats between neighbouring sizes of GMM_K_GRID, which is the choice.
+GMM_TOL = 1e-2
+# Added to every covariance's diagonal, times the codes' mean variance (so it is scale-free): a
+# component that collapses onto a few points, or a dimension that never moves (a dead sparse
+# unit, a vq dimension that uses one codebook value), would otherwise have a singular
+# covariance and an infinite density. 1e-6 of the spread is far below any real variance.
+GMM_RIDGE = 1e-6
 
 
 # ---- metrics: ROC, AUROC, average precision
@@ -431,6 +451,190 @@ def _accuracy(net, x, y):
     return float((logits.argmax(1) == np.asarray(y)).mean())
 
 
+# ---- Gaussian mixture (EM)
+# An ex-post density for any autoencoder: fitted to its training codes after training, sampled,
+# decoded. Shapes: n points, d dimensions, K components. A mixture is a plain dict:
+# {"weights": (K,), "means": (K, d), "covs": (K, d, d), "log_likelihood": [per iteration]}.
+
+def fit_gmm(z, k, seed, starts=GMM_STARTS, ridge=GMM_RIDGE, max_iter=GMM_MAX_ITER, tol=GMM_TOL):
+    """A K-component Gaussian mixture with full covariances fitted to z (n, d) by EM.
+
+    Each start picks its K initial means by k-means++ (NumPy generator seeded with `seed`) and
+    gives every component the data's covariance and weight 1/K; of the starts, the one with the
+    highest training log-likelihood is kept. "log_likelihood" holds the mean training
+    log-likelihood per point after each E step (EM never lowers it, float rounding aside; the
+    last entry belongs to the returned parameters). Raises ValueError for NaN or inf, fewer
+    points than components, or codes without any spread; warns when some dimensions are constant.
+    """
+    z = _gmm_points(z, "codes")
+    n, d = z.shape
+    if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
+        raise ValueError(f"a {k}-component mixture needs 1 <= K <= the number of points ({n}); "
+                         f"use a smaller K or more codes")
+    spread = z.var(0)
+    if not spread.any():
+        raise ValueError("every dimension of the codes is constant: there is no distribution to fit")
+    if not spread.all():
+        warnings.warn(f"code dimension(s) {np.flatnonzero(spread == 0).tolist()} are constant (a dead "
+                      f"unit?); the ridge keeps the covariances invertible and samples keep them "
+                      f"(almost) constant", RuntimeWarning, stacklevel=2)
+    rng = np.random.default_rng(seed)
+    centred = z - z.mean(0)           # both EM steps expand squares (_outer_products): keep z near 0
+    fits = [_em(centred, _kmeans_plus_plus(centred, k, rng), ridge * spread.mean(), max_iter, tol)
+            for _ in range(starts)]
+    best = max(fits, key=lambda gmm: gmm["log_likelihood"][-1])
+    return {**best, "means": best["means"] + z.mean(0)}
+
+
+def _em(z, means, ridge, max_iter, tol):
+    """EM on centred codes z from the given initial means; `ridge`: the amount added to each diagonal."""
+    n, d = z.shape
+    k = len(means)
+    outer = _outer_products(z)                             # (n, d*d), used by every E and M step
+    covs = np.repeat((z.T @ z / n + ridge * np.eye(d))[None], k, axis=0)   # z is centred, (K, d, d)
+    weights, history = np.full(k, 1 / k), []
+    for _ in range(max_iter):
+        # E step: r_ik = pi_k N(z_i | mu_k, S_k) / sum_j pi_j N(z_i | mu_j, S_j), in logs
+        log_joint = np.log(weights) + _component_log_densities(z, means, covs, outer)   # (n, K)
+        log_p = _logsumexp(log_joint)                                            # log p(z_i), (n,)
+        history.append(float(log_p.mean()))
+        if len(history) > 1 and history[-1] - history[-2] < tol:
+            break
+        r = np.exp(log_joint - log_p[:, None])                                   # (n, K), rows sum to 1
+        weights, means, covs = _m_step(z, outer, r, ridge)
+    return {"weights": weights, "means": means, "covs": covs, "log_likelihood": history}
+
+
+def _outer_products(z):
+    """z_i z_i^T of every point, flattened: (n, d) -> (n, d, d) -> (n, d*d).
+
+    With them, both EM steps are single matrix products over all components: the M step's
+    second moments sum_i r_ik z_i z_i^T, and the E step's z_i^T P_k z_i = <z_i z_i^T, P_k>.
+    """
+    return np.einsum("ni,nj->nij", z, z).reshape(len(z), -1)
+
+
+def _m_step(z, outer, r, ridge):
+    """Weights, means and covariances that maximise the expected log-likelihood under r (n, K)."""
+    d = z.shape[1]
+    # N_k = sum_i r_ik; the floor keeps a component that lost every point finite (weight ~0)
+    n_k = r.sum(0) + 10 * np.finfo(np.float64).eps
+    weights = n_k / n_k.sum()                              # pi_k = N_k / n
+    means = r.T @ z / n_k[:, None]                         # mu_k = sum_i r_ik z_i / N_k, (K, d)
+    # S_k = sum_i r_ik (z_i - mu_k)(z_i - mu_k)^T / N_k + ridge I
+    #     = sum_i r_ik z_i z_i^T / N_k - mu_k mu_k^T + ridge I
+    second = (r.T @ outer).reshape(-1, d, d) / n_k[:, None, None]                # (K, d, d)
+    return weights, means, second - means[:, :, None] * means[:, None, :] + ridge * np.eye(d)
+
+
+def _component_log_densities(z, means, covs, outer=None):
+    """log N(z_i | mu_k, S_k) for every point and component, (n, K).
+
+    log N(z | mu, S) = -1/2 (d log 2 pi + log det S + (z - mu)^T P (z - mu)), P = S^-1, where
+    (z - mu)^T P (z - mu) = <z z^T, P> - 2 z^T P mu + mu^T P mu. `outer`: _outer_products(z).
+    """
+    n, d = z.shape
+    try:
+        chols = np.linalg.cholesky(covs)                   # S_k = L_k L_k^T, (K, d, d)
+    except np.linalg.LinAlgError:
+        raise FloatingPointError("a mixture covariance is not positive definite; raise GMM_RIDGE") from None
+    inv_chols = np.linalg.inv(chols)
+    precisions = inv_chols.transpose(0, 2, 1) @ inv_chols  # P_k = L_k^-T L_k^-1, (K, d, d)
+    p_mu = np.einsum("kab,kb->ka", precisions, means)      # P_k mu_k, (K, d)
+    log_det = 2 * np.log(np.diagonal(chols, axis1=1, axis2=2)).sum(1)   # log det S_k, (K,)
+    outer = _outer_products(z) if outer is None else outer
+    quadratic = outer @ precisions.reshape(len(means), d * d).T - 2 * z @ p_mu.T + (means * p_mu).sum(1)
+    return -0.5 * (d * np.log(2 * np.pi) + log_det + quadratic)
+
+
+def _logsumexp(a):
+    """log sum_k exp(a_ik) per row, (n, K) -> (n,), shifted by the row's maximum so nothing overflows."""
+    top = a.max(1, keepdims=True)
+    return top[:, 0] + np.log(np.exp(a - top).sum(1))
+
+
+def _kmeans_plus_plus(z, k, rng):
+    """K initial means: a random point, then each next one a point drawn with probability
+    proportional to D(z)^2, its squared distance to the nearest mean picked so far."""
+    means = [z[rng.integers(len(z))]]
+    d2 = ((z - means[0]) ** 2).sum(1)
+    for _ in range(k - 1):
+        total = d2.sum()
+        i = rng.choice(len(z), p=d2 / total) if total > 0 else rng.integers(len(z))
+        means.append(z[i])
+        d2 = np.minimum(d2, ((z - z[i]) ** 2).sum(1))
+    return np.array(means)                                 # (K, d)
+
+
+def gmm_log_density(gmm, z):
+    """log p(z_i) = log sum_k pi_k N(z_i | mu_k, S_k) for each row of z, (n,)."""
+    z = _gmm_points(z, "codes")
+    if z.shape[1] != gmm["means"].shape[1]:
+        raise ValueError(f"codes have {z.shape[1]} dimensions, the mixture {gmm['means'].shape[1]}; "
+                         f"score codes of the model the mixture was fitted to")
+    centre = gmm["weights"] @ gmm["means"]     # shifting z and every mu alike keeps each density
+    return _logsumexp(np.log(gmm["weights"])
+                      + _component_log_densities(z - centre, gmm["means"] - centre, gmm["covs"]))
+
+
+def sample_gmm(gmm, n, seed):
+    """n draws, (n, d): a component k ~ Categorical(pi), then z = mu_k + L_k eps, eps ~ N(0, I)."""
+    rng = np.random.default_rng(seed)
+    weights, means = gmm["weights"], gmm["means"]
+    component = rng.choice(len(weights), size=n, p=weights / weights.sum())
+    eps = rng.standard_normal((n, means.shape[1]))
+    chols = np.linalg.cholesky(gmm["covs"])                # (K, d, d)
+    return means[component] + np.einsum("nij,nj->ni", chols[component], eps)
+
+
+def choose_gmm(z_train, z_val, seed, k_grid=GMM_K_GRID):
+    """The mixture, fitted on z_train, whose K in k_grid gives z_val the highest mean log-likelihood.
+
+    Returns (gmm, {K: mean validation log-likelihood}); ties go to the smaller K. Only z_train
+    fits and only z_val chooses: pass no test codes here.
+    """
+    z_val = _gmm_points(z_val, "validation codes")
+    best, scores = None, {}
+    for k in sorted(k_grid):
+        gmm = fit_gmm(z_train, k, seed)
+        scores[k] = float(gmm_log_density(gmm, z_val).mean())
+        if best is None or scores[k] > scores[len(best["weights"])]:
+            best = gmm
+    return best, scores
+
+
+def _gmm_points(z, what):
+    z = np.asarray(z, dtype=np.float64)
+    if z.ndim != 2 or len(z) == 0:
+        raise ValueError(f"{what} must be a 2-D array (points, dimensions), got shape {z.shape}")
+    if not np.isfinite(z).all():
+        raise ValueError(f"{what} contain NaN or infinite values; fix the model or drop those rows")
+    return z
+
+
+# ---- learned categorical prior (vq-VAE)
+
+def categorical_prior(indices, n_codes):
+    """Per latent dimension j, the share of training codes that use each codebook value: (Z, K).
+
+    p_jk = #{i : k_ij = k} / n, so every row sums to one; indices (n, Z) int in [0, n_codes).
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 2 or len(indices) == 0 or not np.issubdtype(indices.dtype, np.integer):
+        raise ValueError(f"indices must be a non-empty 2-D integer array, got {indices.dtype} {indices.shape}")
+    if indices.min() < 0 or indices.max() >= n_codes:
+        raise ValueError(f"codebook indices must lie in [0, {n_codes}); got {indices.min()} to {indices.max()}")
+    counts = np.stack([np.bincount(column, minlength=n_codes) for column in indices.T])   # (Z, K)
+    return counts / len(indices)
+
+
+def sample_categorical(freqs, codebook, n, seed):
+    """n codes (n, Z): per dimension j independently an index k ~ p_j, then its value codebook[j, k]."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(freqs.shape[1], size=n, p=row) for row in freqs], axis=1)  # (n, Z)
+    return np.asarray(codebook)[np.arange(freqs.shape[0]), idx]
+
+
 # ---- model tasks
 
 def batched(fn, x, batch_size=EVAL_BATCH, device=None):
@@ -455,6 +659,29 @@ def encode(model, x, sample=True):
     device = _device_of(model)
     model.eval()
     return batched(lambda b: model.encode(b, sample=sample), x, device=device)
+
+
+def encoder_outputs(model, x):
+    """The encoder's outputs h before the bottleneck, (N, H): the vq-VAE's pre-quantisation values."""
+    device = _device_of(model)
+    model.eval()
+    return batched(model.encoder, x, device=device)
+
+
+def vq_indices(model, x):
+    """The vq-VAE's codebook index per latent dimension of each image, (N, Z) int."""
+    device = _device_of(model)
+    model.eval()
+    return batched(lambda b: model.bottleneck.indices(model.encoder(b)), x, device=device)
+
+
+def decode(model, z, through_bottleneck=False):
+    """Decoded probabilities (N, 1024) of codes z; through_bottleneck: z are encoder outputs h
+    and pass the bottleneck first (the vq-VAE's quantiser)."""
+    device = _device_of(model)
+    model.eval()
+    step = (lambda b: model.decode(model.bottleneck(b))) if through_bottleneck else model.decode
+    return batched(step, z, device=device)
 
 
 def per_image_bce(model, x):
@@ -583,17 +810,38 @@ def plot_reconstructions(originals, recons_by_model, path):
     _savefig(fig, path)
 
 
-def plot_samples(samples_by_model, path, notes=None):
-    """One 4x4 grid of unconditional samples per generative model."""
+def plot_samples(samples, path, notes=None, order=()):
+    """One row per model, one column block per sampler: samples[model][sampler] = (16, 1024) images.
+
+    Columns follow `order`, then any other sampler in the order met. A block shows its images in
+    SAMPLE_ROWS rows; a model without that sampler leaves it blank. notes[model][sampler] is
+    written under the block.
+    """
     plt = _pyplot()
-    n = len(samples_by_model)
-    fig, axes = plt.subplots(1, n, figsize=(3 * n, 3.4))
-    for ax, (name, imgs) in zip(np.atleast_1d(axes), samples_by_model.items()):
-        ax.imshow(_tile(imgs, cols=4), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(name, fontsize=10)
-        ax.set_xticks([]), ax.set_yticks([])
-        if notes and name in notes:
-            ax.set_xlabel(notes[name], fontsize=8)
+    present = {s for by_sampler in samples.values() for s in by_sampler}
+    samplers = [s for s in dict.fromkeys([*order, *(s for b in samples.values() for s in b)]) if s in present]
+    shown = next(iter(next(iter(samples.values())).values()))
+    cols = int(np.ceil(len(shown) / SAMPLE_ROWS))            # digits per row of a block
+    blank = _tile(shown, cols)
+    fig, axes = plt.subplots(len(samples), len(samplers), squeeze=False,
+                             figsize=(3.4 * len(samplers) + 1, 1.25 * len(samples) + 0.5))
+    for r, (name, by_sampler) in enumerate(samples.items()):
+        for c, sampler in enumerate(samplers):
+            ax = axes[r, c]
+            ax.set_xticks([]), ax.set_yticks([])
+            if r == 0:
+                ax.set_title(sampler, fontsize=10)
+            if c == 0:
+                ax.set_ylabel(name, rotation=0, ha="right", va="center", fontsize=9)
+            if sampler not in by_sampler:
+                # a white block of the same size: the row keeps its name, the column its title's height
+                ax.imshow(np.ones_like(blank), cmap="gray", vmin=0, vmax=1)
+                for spine in ax.spines.values():
+                    spine.set_visible(False)
+                continue
+            ax.imshow(_tile(by_sampler[sampler], cols), cmap="gray", vmin=0, vmax=1)
+            if notes and sampler in notes.get(name, {}):
+                ax.set_xlabel(notes[name][sampler], fontsize=7)
     fig.tight_layout()
     _savefig(fig, path)
 

@@ -1550,6 +1550,237 @@ def test_label_budget_indices_exact_per_class_and_only_seed_decides():
     assert tuple(idx) not in others and len(others) > 1
 
 
+# ---- samplers: the Gaussian mixture (EM), the vq-VAE's learned prior, run.py's draw_samples
+
+def _two_gaussians(n, seed):
+    """n points of a known 2-D mixture: weights (0.3, 0.7), means (-3, 0) and (3, 1)."""
+    rng = np.random.default_rng(seed)
+    weights, means = np.array([0.3, 0.7]), np.array([[-3.0, 0.0], [3.0, 1.0]])
+    chols = np.array([[[1.0, 0.0], [0.5, 0.6]], [[0.7, 0.0], [-0.3, 1.2]]])
+    k = rng.choice(2, size=n, p=weights)
+    return means[k] + np.einsum("nij,nj->ni", chols[k], rng.standard_normal((n, 2))), weights, means, chols
+
+
+def _blob_codes(n_per_blob=150, seed=0):
+    rng = np.random.default_rng(seed)
+    return np.concatenate([rng.normal(c, 1 + i, (n_per_blob, 3)) for i, c in enumerate((-4.0, 0.0, 5.0))])
+
+
+@pytest.mark.parametrize("seed", range(3))
+@pytest.mark.parametrize("k", [1, 3, 6])
+def test_gmm_em_never_lowers_the_training_log_likelihood(k, seed):
+    z = _blob_codes(seed=seed)
+    history = tasks.fit_gmm(z, k, seed, max_iter=40, tol=-np.inf)["log_likelihood"]   # no early stop
+    assert len(history) == 40
+    assert np.diff(history).min() >= -1e-9          # float rounding only
+    assert history[-1] > history[0] + (0.1 if k > 1 else -1)
+
+
+def test_gmm_recovers_the_weights_and_means_of_a_known_mixture():
+    # 4,000 points: the standard error of a mean is ~0.03 and of a weight ~0.007; tolerances are
+    # about three of them
+    z, weights, means, chols = _two_gaussians(4000, seed=0)
+    gmm = tasks.fit_gmm(z, 2, seed=0)
+    order = np.argsort(gmm["means"][:, 0])                # the component on the left first
+    np.testing.assert_allclose(gmm["weights"][order], weights, atol=0.02)
+    np.testing.assert_allclose(gmm["means"][order], means, atol=0.1)
+    np.testing.assert_allclose(gmm["covs"][order], chols @ chols.transpose(0, 2, 1), atol=0.15)
+
+
+def test_gmm_log_density_matches_the_formula_with_the_covariance_inverse():
+    rng = np.random.default_rng(1)
+    k, d = 3, 4
+    a = rng.normal(size=(k, d, d))
+    gmm = {"weights": np.array([0.2, 0.5, 0.3]), "means": rng.normal(size=(k, d)) * 2,
+           "covs": a @ a.transpose(0, 2, 1) + 0.5 * np.eye(d)}
+    z = rng.normal(size=(50, d)) * 2
+    direct = np.zeros(len(z))
+    for w, mu, cov in zip(gmm["weights"], gmm["means"], gmm["covs"]):
+        diff = z - mu
+        # p(z) = sum_k pi_k (2 pi)^(-d/2) det(S_k)^(-1/2) exp(-1/2 (z - mu_k)^T S_k^-1 (z - mu_k))
+        quad = np.einsum("ni,ij,nj->n", diff, np.linalg.inv(cov), diff)
+        direct += w * (2 * np.pi) ** (-d / 2) / np.sqrt(np.linalg.det(cov)) * np.exp(-quad / 2)
+    np.testing.assert_allclose(tasks.gmm_log_density(gmm, z), np.log(direct), rtol=1e-10)
+
+
+def test_sample_gmm_has_the_mixtures_weights_and_moments():
+    _, weights, means, chols = _two_gaussians(1, seed=0)
+    gmm = {"weights": weights, "means": means, "covs": chols @ chols.transpose(0, 2, 1)}
+    z = tasks.sample_gmm(gmm, 20000, seed=3)
+    left = z[:, 0] < 0                                   # the two components barely overlap
+    assert abs(left.mean() - 0.3) < 0.015
+    np.testing.assert_allclose(z[left].mean(0), means[0], atol=0.05)
+    np.testing.assert_allclose(np.cov(z[~left].T), gmm["covs"][1], atol=0.06)
+    np.testing.assert_array_equal(z, tasks.sample_gmm(gmm, 20000, seed=3))   # the seed decides
+
+
+@pytest.mark.parametrize("val, expected", [("blobs", 2), ("between", 1)])
+def test_choose_gmm_picks_k_by_validation_log_likelihood(val, expected):
+    # Two far-apart blobs train. Validation points from the blobs favour K = 2; validation points
+    # midway between them favour the one broad Gaussian of K = 1: the validation codes decide.
+    rng = np.random.default_rng(0)
+    blobs = lambda n: np.concatenate([rng.normal(-4, 0.5, (n, 2)), rng.normal(4, 0.5, (n, 2))])
+    z_train = blobs(200)
+    z_val = blobs(50) if val == "blobs" else rng.normal(0, 0.5, (100, 2))
+    gmm, scores = tasks.choose_gmm(z_train, z_val, seed=0, k_grid=(1, 2))
+    by_hand = {k: tasks.gmm_log_density(tasks.fit_gmm(z_train, k, 0), z_val).mean() for k in (1, 2)}
+    assert scores == pytest.approx(by_hand)
+    assert len(gmm["weights"]) == expected == max(by_hand, key=by_hand.get)
+
+
+def test_gmm_degenerate_input():
+    z = _blob_codes()
+    with pytest.raises(ValueError, match="NaN"):
+        tasks.fit_gmm(np.r_[z, [[np.nan, 0, 0]]], 2, 0)
+    with pytest.raises(ValueError, match="K <= the number of points"):
+        tasks.fit_gmm(z[:3], 4, 0)
+    assert len(tasks.fit_gmm(z[:4], 4, 0)["weights"]) == 4          # as many points as components
+    with pytest.raises(ValueError, match="every dimension"):
+        tasks.fit_gmm(np.ones((20, 3)), 2, 0)
+    with pytest.raises(ValueError, match="dimensions"):
+        tasks.gmm_log_density(tasks.fit_gmm(z, 2, 0), z[:, :2])
+    dead = z.copy()
+    dead[:, 1] = 0.5                                     # a dead unit: one dimension never moves
+    with pytest.warns(RuntimeWarning, match=r"dimension\(s\) \[1\] are constant"):
+        gmm = tasks.fit_gmm(dead, 3, 0)
+    assert np.isfinite(gmm["log_likelihood"]).all() and np.isfinite(tasks.gmm_log_density(gmm, dead)).all()
+    assert np.ptp(tasks.sample_gmm(gmm, 500, 0)[:, 1]) < 0.05   # samples keep it (almost) constant
+    dead[0, 1] = 0.5 + 1e-6                              # barely alive: no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        tasks.fit_gmm(dead, 3, 0)
+
+
+def test_vq_learned_prior_frequencies_and_samples():
+    rng = np.random.default_rng(0)
+    n_codes, z_dim = 8, 3
+    idx = np.stack([rng.integers(0, 3, 400), rng.choice([1, 5], 400, p=[0.25, 0.75]),
+                    np.full(400, 7)], axis=1)              # (400, 3): each dimension its own usage
+    freqs = tasks.categorical_prior(idx, n_codes)
+    assert freqs.shape == (z_dim, n_codes)
+    np.testing.assert_allclose(freqs.sum(1), 1.0)
+    assert freqs[1, 5] == np.mean(idx[:, 1] == 5) and freqs[2, 7] == 1.0
+    codebook = rng.normal(size=(z_dim, n_codes))
+    codes = tasks.sample_categorical(freqs, codebook, 4000, seed=1)
+    assert codes.shape == (4000, z_dim)
+    for j in range(z_dim):
+        values, counts = np.unique(codes[:, j], return_counts=True)
+        used = codebook[j, freqs[j] > 0]
+        assert set(values) <= set(used)                  # only codebook values the training codes used
+        for v, c in zip(values, counts):
+            assert abs(c / 4000 - freqs[j, codebook[j] == v][0]) < 0.03
+    with pytest.raises(ValueError, match="codebook indices"):
+        tasks.categorical_prior(idx + 1, n_codes)
+
+
+def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch):
+    args, data = _tiny_run_data(tiny_data, "--quick")
+    torch.manual_seed(0)
+    fits, real_choose, real_freqs = [], tasks.choose_gmm, tasks.categorical_prior
+    monkeypatch.setattr(tasks, "choose_gmm", lambda a, b, seed: fits.append(("gmm", a, b)) or real_choose(a, b, seed))
+    monkeypatch.setattr(tasks, "categorical_prior", lambda i, n: fits.append(("freqs", i)) or real_freqs(i, n))
+    rng = np.random.default_rng(1)
+    other_test = {**data, "x_test": rng.random(data["x_test"].shape, dtype=np.float32),
+                  "y_test": rng.permutation(data["y_test"])}
+    for name in ("vanilla", "vae", "vq"):
+        model = ae.build(name, 20).eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)   # an untrained vq-VAE has dead dimensions
+            fits.clear()
+            samples, ks = run.draw_samples(model, data, 42)
+            calls = list(fits)
+            again, _ = run.draw_samples(model, other_test, 42)
+        expected = {"vanilla": {"_gmm"}, "vae": {"", "_gmm"}, "vq": {"", "_gmm", "_categorical", "_gmm_prequant"}}
+        assert set(samples) == expected[name]
+        for suffix in samples:                            # other test images change no sample
+            np.testing.assert_array_equal(samples[suffix], again[suffix])
+        ae.set_seed(42)
+        z = tasks.encode(model, data["x_all"])           # the codes every task uses
+        h = tasks.encoder_outputs(model, data["x_all"])
+        gmm_inputs = [call[1:] for call in calls if call[0] == "gmm"]
+        for (z_fit, z_choose), codes in zip(gmm_inputs, [z, h]):
+            np.testing.assert_array_equal(z_fit, codes[data["train_idx"]])      # fits: training codes
+            np.testing.assert_array_equal(z_choose, codes[data["val_idx"]])     # chooses: validation
+        assert len(gmm_inputs) == (2 if name == "vq" else 1)
+        freq_inputs = [call[1] for call in calls if call[0] == "freqs"]
+        if name == "vq":
+            np.testing.assert_array_equal(freq_inputs[0], tasks.vq_indices(model, data["x_all"])[data["train_idx"]])
+        assert ks["_gmm"] in tasks.GMM_K_GRID
+
+
+def test_draw_samples_dead_codes_warn_and_skip_the_mixture(tiny_data):
+    _, data = _tiny_run_data(tiny_data, "--quick")
+    torch.manual_seed(0)
+    model = ae.build("vanilla", 20).eval()
+    with torch.no_grad():
+        model.encoder[-1].weight.zero_()
+        model.encoder[-1].bias.fill_(0.3)                # every code the same point
+    with pytest.warns(RuntimeWarning, match="vanilla: no ex-post mixture"):
+        samples, ks = run.draw_samples(model, data, 42)
+    assert samples == {} and ks == {}
+
+
+def _sample_seed(legible, frechet=None):
+    """One seed's sample metrics: legible[suffix][model] (FD: 100 - 100 x legibility unless given)."""
+    s = {f"sample_legibility{suffix}": dict(v) for suffix, v in legible.items()}
+    for suffix, v in legible.items():
+        s[f"sample_frechet{suffix}"] = {n: 100 - 100 * x for n, x in v.items()}
+        s[f"sample_diversity{suffix}"] = {n: 2.0 for n in v}
+    s.update(frechet or {})
+    return s
+
+
+def _verdict(rows, start):
+    return next(r for r in rows if r[0].startswith(start))[1]
+
+
+def test_sample_claims_rank_only_the_contestants():
+    names = list(ae.MODELS)
+    own = {"vae": 0.5, "beta_vae_strict": 0.7, "beta_vae_loose": 0.4, "vq": 0.2, "pca": 0.9}
+    gmm = {**{n: 0.3 for n in names}, "beta_vae_strict": 0.8, "pca": 0.95}
+    audit = lambda own, gmm, extra=None: run.audit(run.summarise(
+        [{"reconstruction_bce": {n: 1.0 for n in names}, **_sample_seed({"": own, "_gmm": gmm}), **(extra or {})}]),
+        names, [1])
+    rows = audit(own, gmm)
+    # a reference model (pca) that samples best is not a contestant: strict is still the best of them
+    assert _verdict(rows, "The strict beta-VAE gives the most meaningful samples (own") == "confirmed"
+    assert _verdict(rows, "The strict beta-VAE gives the most meaningful samples (ex-post") == "confirmed"
+    assert _verdict(rows, "vq-VAE samples (uniform codes)") == "confirmed"
+    rows = audit({**own, "vae": 0.75}, {**gmm, "vanilla": 0.85})
+    assert _verdict(rows, "The strict beta-VAE gives the most meaningful samples (own") == "not confirmed"
+    assert _verdict(rows, "The strict beta-VAE gives the most meaningful samples (ex-post") == "not confirmed"
+
+
+@pytest.mark.parametrize("best_deterministic, expected", [(0.52, "not confirmed"), (0.50, "confirmed")])
+def test_claim_only_vaes_sample_against_the_vaes_mean_legibility(best_deterministic, expected):
+    names = list(ae.MODELS)
+    own = {"vae": 0.4, "beta_vae_strict": 0.7, "beta_vae_loose": 0.44, "vq": 0.2}     # VAEs' mean 0.513
+    gmm = {**{n: 0.3 for n in names}, "denoising": best_deterministic, "vq": 0.9}       # vq is no VAE
+    m = run.summarise([{"reconstruction_bce": {n: 1.0 for n in names}, **_sample_seed({"": own, "_gmm": gmm})}])
+    assert _verdict(run.audit(m, names, [1]), "Only the VAEs can sample") == expected
+
+
+@pytest.mark.parametrize("legible, fd, expected", [(0.3, 70.0, "confirmed"), (0.2, 70.0, "not confirmed"),
+                                                   (0.3, 80.0, "not confirmed")])
+def test_claim_vq_needs_a_learned_prior(legible, fd, expected):
+    names = list(ae.MODELS)
+    s = _sample_seed({"": {"vq": 0.2}, "_categorical": {"vq": legible}},
+                     {"sample_frechet": {"vq": 80.0}, "sample_frechet_categorical": {"vq": fd}})
+    m = run.summarise([{"reconstruction_bce": {n: 1.0 for n in names}, **s}])
+    assert _verdict(run.audit(m, names, [1]), "vq-VAE samples need a learned prior: a learned categorical") == expected
+
+
+def test_plot_samples_one_row_per_model_blank_where_a_sampler_is_missing(tmp_path):
+    from PIL import Image
+    imgs = np.random.default_rng(0).random((16, 1024))
+    path = tmp_path / "samples.png"
+    tasks.plot_samples({"vanilla": {"ex-post mixture": imgs}, "vq": {"own prior": imgs, "ex-post mixture": imgs}},
+                       str(path), {"vq": {"own prior": "legible 0.10"}}, order=["own prior", "ex-post mixture"])
+    with Image.open(path) as img:
+        assert img.size[0] > img.size[1] > 0
+
+
+
 # ================================================================================================
 # ---- run.py: the pipeline end to end on tiny synthetic IDX data, its protocol, parallel training
 # ================================================================================================
@@ -2281,23 +2512,24 @@ def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
 def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypatch):
     _, _, data = wiring
     digits = [run.ANOMALY_DIGIT, 3]
-    models2 = {d: _wiring_models(["shallow", "vae"], run.LATENT_ANOMALY, seed=d) for d in digits}
+    models2 = {(run.LATENT_ANOMALY, d): _wiring_models(["shallow", "vae"], run.LATENT_ANOMALY, seed=d)
+               for d in digits}
     w = _Wire(monkeypatch, data, [mod for by in models2.values() for mod in by.values()])
     m, _ = run.task_anomaly(models2, data, WIRING_SEED)
     test, y_test = [-1 - j for j in range(len(data["x_test"]))], data["y_test"]
     checked = set()
     for metric, by_model in m.items():
-        if not metric.startswith("anomaly_"):
+        if not metric.startswith("anomaly_") or "spearman" in metric:   # rank correlations: tested apart
             continue
         digit = int(metric.split("digit_")[1]) if "digit_" in metric else run.ANOMALY_DIGIT
         for name, value in by_model.items():
-            if name not in models2[digit]:
+            if name not in models2[run.LATENT_ANOMALY, digit]:
                 continue        # a reference row (no autoencoder)
             c = w.by_token("average_precision" if "auprc" in metric else "roc_auc", value)
             np.testing.assert_array_equal(c["labels"], y_test == digit)   # positives = the digit
             signed = "signed" in metric
             scored = w.by_token("anomaly_scores", -c["score"] if signed else c["score"])
-            assert scored["model"] is models2[digit][name]     # the model trained without it
+            assert scored["model"] is models2[run.LATENT_ANOMALY, digit][name]   # trained without it
             assert scored["model"].latent_dim == run.LATENT_ANOMALY
             assert scored["ids"] == test and scored["seeded"]
             checked.add((metric, name))
@@ -2328,13 +2560,23 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
     _, _, data = wiring
     models = _wiring_models(["vanilla", "vae", "vq"], run.LATENT)
     w = _Wire(monkeypatch, data, models.values())
-    judge = object()
-    m, _ = run.task_generation(models, data, judge, WIRING_SEED)
+    judge, mixtures = object(), []
+
+    def no_mixture(z_train, z_val, seed, **kw):   # the fake codes admit none: record what fits, skip
+        mixtures.append((w.ids(z_train), w.ids(z_val), seed))
+        raise ValueError("fake codes")
+
+    monkeypatch.setattr(tasks, "choose_gmm", no_mixture)
+    with pytest.warns(RuntimeWarning, match="no ex-post mixture"):
+        m, _ = run.task_generation(models, data, judge, WIRING_SEED)
+    # the ex-post mixtures: fitted on the training codes, chosen on the validation codes, run seed
+    assert mixtures and all(tr == list(data["train_idx"]) and va == list(data["val_idx"]) and s == WIRING_SEED
+                            for tr, va, s in mixtures)
     first = tuple(-1 - j for j in range(min(run.N_GENERATED, len(data["x_test"]))))
     checked = set()
     for metric, by_model in m.items():
         for name, value in by_model.items():
-            if metric.startswith("sample_"):
+            if metric in ("sample_legibility", "sample_diversity", "sample_frechet"):   # own priors
                 c = w.by_token("sample_quality", value)
                 probs, features, test_features = (w.by_token("judge_images", t) for t in c["of"])
                 drawn = w.by_token("sample", probs["source"])
