@@ -1753,6 +1753,99 @@ def test_run_baselines_as_published_trains_head_only_with_batchnorm_in_training_
     assert changed(frozen, before_frozen) <= {"linear.weight", "linear.bias"}
 
 
+# ---- the raw-pixel references: the span solver of the converged probe, what the pixel probes see
+
+def _exact_newton_reference(z_tr, y_tr, lam):
+    """(W, loss) of the probe's problem on all d standardised features, by plain Newton with torch
+    autograd's full Hessian and step halving: no span, no CG, nothing of tasks.py's solver."""
+    std = z_tr.std(0)
+    std[std == 0] = 1.0
+    x = torch.tensor(np.c_[(z_tr - z_tr.mean(0)) / std, np.ones(len(z_tr))])
+    y = torch.tensor(y_tr)
+    ridge = torch.full((x.shape[1], 1), lam, dtype=torch.float64)
+    ridge[-1] = tasks.BIAS_RIDGE
+    loss = lambda w: F.cross_entropy(x @ w, y) + 0.5 * (ridge * w ** 2).sum()
+    gradient = lambda w: torch.autograd.grad(loss(w.requires_grad_()), w)[0]
+    w = torch.zeros(x.shape[1], tasks.N_CLASSES, dtype=torch.float64)
+    for _ in range(100):
+        grad = gradient(w)
+        if grad.abs().max() < 1e-11:
+            break
+        hess = torch.autograd.functional.hessian(loss, w, vectorize=True).reshape(w.numel(), w.numel())
+        step = torch.linalg.solve(hess, grad.reshape(-1)).reshape(w.shape)
+        t = 1.0
+        while loss(w - t * step) > loss(w) and t > 1e-8:
+            t /= 2
+        w = (w - t * step).detach()
+    assert gradient(w).abs().max() < 1e-9                       # precondition: the reference converged
+    return w.detach().numpy(), loss
+
+
+@pytest.mark.parametrize("n, d", [(20, 30), (300, 8)], ids=["d>n", "d<n"])
+@pytest.mark.parametrize("lam", [1e-1, 1e-3])
+def test_span_probe_matches_exact_newton_on_all_features(n, d, lam):
+    rng = np.random.default_rng(7)
+    y = np.r_[np.arange(n) % tasks.N_CLASSES, rng.integers(0, tasks.N_CLASSES, 400)]   # all classes train
+    z = 3 * rng.normal(size=(tasks.N_CLASSES, d))[y] + 2 * rng.normal(size=(len(y), d))
+    (z_tr, z_va, z_te), (y_tr, y_va, y_te) = np.split(z, [n, n + 200]), np.split(y, [n, n + 200])
+    w_ref, loss = _exact_newton_reference(z_tr, y_tr, lam)
+    design, w = tasks._probe_weights(z_tr, y_tr, z_va, y_va, [lam])
+    assert w.shape == (d + 1, tasks.N_CLASSES)                  # weights of all d features, and the bias
+    wt = torch.tensor(w, requires_grad=True)
+    loss(wt).backward()
+    assert wt.grad.abs().max() < tasks.NEWTON_TOL               # converged, in the d features' gradient
+    # both stop at a gradient of ~1e-7, which leaves ~1e-11 in the objective and, with the weak
+    # penalty, up to ~1e-5 in a probability
+    assert loss(wt).item() == pytest.approx(loss(torch.tensor(w_ref)).item(), abs=1e-10)
+    softmax = lambda logits: np.exp(logits - logits.max(1, keepdims=True)) / np.exp(
+        logits - logits.max(1, keepdims=True)).sum(1, keepdims=True)
+    x_te = np.c_[(z_te - z_tr.mean(0)) / z_tr.std(0), np.ones(len(z_te))]
+    np.testing.assert_allclose(softmax(design(z_te) @ w), softmax(x_te @ w_ref), atol=1e-4)
+    ref_accuracy = np.mean((x_te @ w_ref).argmax(1) == y_te)
+    assert tasks.linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te, l2_grid=[lam]) == ref_accuracy
+
+
+def test_pixel_references_see_only_the_labelled_images(tiny_data, monkeypatch):
+    # the raw-pixel probes train on the labelled images only (a strict subset of the training
+    # part here), the validation images only choose, the test images only score
+    _, data = _tiny_run_data(tiny_data, "--quick")
+    data = {**data, "probe_idx": data["probe_idx"][:100]}
+    x, y, val, probe = data["x_all"], data["y_all"], data["val_idx"], data["probe_idx"]
+    runs = []
+    for y_test in (data["y_test"], np.random.default_rng(1).permutation(data["y_test"])):
+        seen = {"linear_probe": [], "train_classifier": [], "knn_predict": []}
+        for fn, calls in seen.items():
+            monkeypatch.setattr(tasks, fn, lambda *a, _calls=calls, _real=getattr(tasks, fn), **k:
+                                _calls.append(a) or _real(*a, **k))
+        m, curve = run.task_pixel_references({**data, "y_test": y_test}, 42, quick=True)
+        monkeypatch.undo()
+        runs.append(seen)
+        assert all(set(by_model) == {run.PIXELS} for by_model in m.values())
+        assert set(m) == {"probe_accuracy", "probe_accuracy_reference_protocol", "knn_probe_accuracy"} | {
+            f"probe_accuracy_{b}_labels" for b in curve} and sorted(curve) == [10, 100]
+        train_sets = [probe] + [run._budget_draw(data, b // tasks.N_CLASSES, 42) for b in sorted(curve)]
+        assert len(seen["linear_probe"]) == len(train_sets)
+        for (z_tr, y_tr, z_va, y_va, z_te, _), idx in zip(seen["linear_probe"], train_sets):
+            assert set(idx) <= set(data["train_idx"])
+            for got, want in [(z_tr, x[idx]), (y_tr, y[idx]), (z_va, x[val]), (y_va, y[val]),
+                              (z_te, data["x_test"])]:
+                np.testing.assert_array_equal(got, want)
+        (net, x_tr, y_tr, x_va, y_va, x_te, y_te, seed), = seen["train_classifier"]
+        assert isinstance(net, nn.Linear) and (net.in_features, net.out_features) == (1024, 10)
+        for got, want in [(x_tr, x[probe]), (y_tr, y[probe]), (x_va, x[val]), (y_va, y[val]),
+                          (x_te, data["x_test"]), (y_te, y_test)]:
+            np.testing.assert_array_equal(got, want)
+        (z_ref, y_ref, z_query), = [a[:3] for a in seen["knn_predict"]]
+        for got, want in [(z_ref, x[probe]), (y_ref, y[probe]), (z_query, data["x_test"])]:
+            np.testing.assert_array_equal(got, want)
+    # what trains and what chooses is the same whatever the test labels are
+    for fn in ("linear_probe", "train_classifier"):
+        for a, b in zip(runs[0][fn], runs[1][fn]):
+            for u, v in zip(a[:5], b[:5]):
+                if isinstance(u, np.ndarray):
+                    np.testing.assert_array_equal(u, v)
+
+
 # ---- run.py: the audit counts seeds
 
 def test_audit_verdicts_count_the_seeds():
