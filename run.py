@@ -412,7 +412,8 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     for step, task in steps:
         t = time.time()
         metrics, figs[step] = task()
-        m.update(metrics)
+        for metric, by_model in metrics.items():      # the pixels join the contestants' metrics
+            m.setdefault(metric, {}).update(by_model)
         print(f"  seed {seed}: {step} ({time.time() - t:.0f} s)", flush=True)
     if first:
         write_figures(figs, data, args, out_dir)

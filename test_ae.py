@@ -1846,6 +1846,22 @@ def test_pixel_references_see_only_the_labelled_images(tiny_data, monkeypatch):
                     np.testing.assert_array_equal(u, v)
 
 
+def test_report_puts_the_pixels_row_after_the_contestants():
+    cell = lambda v: {"mean": v, "std": 0.0, "runs": [v]}
+    names = ["vanilla", "vae"]
+    m = {metric: {n: cell(0.5) for n in names + [run.PIXELS]} for metric in (
+        "probe_accuracy", "probe_accuracy_reference_protocol", "knn_probe_accuracy", "probe_accuracy_10_labels")}
+    text = run.report_classification(m, names, {"probe_labels": 550, "quick": False}, article=True)
+    first_cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
+    tables = " ".join(first_cells).split("model")[1:]          # the accuracy and the label-budget table
+    assert len(tables) == 2
+    for table in tables:
+        assert table.split()[:2] == names and table.split()[2].startswith(f"*{run.PIXELS}")
+    assert f"*{run.PIXELS}" not in run.report_classification(
+        {k: {n: v for n, v in by.items() if n != run.PIXELS} for k, by in m.items()},
+        names, {"probe_labels": 550, "quick": False}, article=True)
+
+
 # ---- run.py: the audit counts seeds
 
 def test_audit_verdicts_count_the_seeds():
