@@ -1,7 +1,7 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python bench.py [--data-dir DIR] [--only train|jobs|umap|gmm|all] [--device cpu]
+    python bench.py [--data-dir DIR] [--only train|jobs|umap|gmm|probe|all] [--device cpu]
 
 The data is run.py's: data/mnist, downloaded there if missing (--data-dir for local files).
 
@@ -37,6 +37,11 @@ gmm: the ex-post Gaussian mixture (tasks.choose_gmm) on real codes: the 20-d cod
   training images from a vanilla autoencoder trained for 3 epochs (as in umap), K chosen on the
   5,000 validation codes. Times one fit at K = 10 and the whole choice over tasks.GMM_K_GRID (what
   run.py does per model and seed; target < 10 s on 2 cores), with EM's iterations per K.
+probe: the converged probe (tasks.linear_probe, as run.py calls it) on the 1,024 raw pixels of the
+  550 labelled images, timed (target < 30 s on 2 cores), with its test accuracy; then, on every 8th
+  pixel (128 features, where the old dense-Hessian solver still runs) with 100 labels (fewer images
+  than features) and with the 550, the fast solver against the old one: both test accuracies
+  (target: within 0.001), both times, and the largest difference of a test probability.
 
 Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
 on a busy machine the numbers are noisy, so check the load (uptime) first.
@@ -470,9 +475,85 @@ def bench_gmm(args, device=None):
           + ", ".join(f"{k}: {v:.2f}" for k, v in scores.items()))
 
 
+# ---- probe
+
+PROBE_TARGET_S = 30       # the issue's target for one converged probe on 1,024 pixels, 550 labels
+PROBE_EVERY = 8           # every 8th pixel (128 features): small enough for the old dense solver
+
+
+def bench_probe(args, device=None):
+    argv = ["--data-dir", args.data_dir or os.path.join("data", "mnist")] + ["--no-download"] * args.no_download
+    data = run.load_data(run.parse_args(argv))
+    x, x_test, y = data["x_all"], data["x_test"], data["y_all"]
+    print(f"converged probe on {x.shape[1]} pixel features, {len(data['probe_idx'])} labelled images, "
+          f"{len(data['val_idx'])} validation, {len(x_test)} test; load average {os.getloadavg()[0]:.2f}")
+    start = time.perf_counter()
+    acc = run._converged_probe(x, x_test, data["probe_idx"], data)
+    seconds = time.perf_counter() - start
+    print(f"fast probe, 1,024 pixels, {len(data['probe_idx'])} labels: {seconds:.1f} s, test accuracy "
+          f"{acc:.4f} (target < {PROBE_TARGET_S} s: {_umap_ok(seconds < PROBE_TARGET_S)})")
+    few = run._budget_draw(data, 10, run.FIRST_SEED)          # 100 labels: fewer images than features
+    sub, sub_test = x[:, ::PROBE_EVERY], x_test[:, ::PROBE_EVERY]
+    for idx in (few, data["probe_idx"]):
+        fits = {}
+        for label, fit in (("fast", tasks._probe_weights), ("old", _old_probe_weights)):
+            start = time.perf_counter()
+            design, w = fit(sub[idx], y[idx], sub[data["val_idx"]], y[data["val_idx"]], tasks.L2_GRID)
+            logits = design(sub_test) @ w
+            fits[label] = (time.perf_counter() - start, np.mean(logits.argmax(1) == data["y_test"]),
+                           np.exp(logits - np.logaddexp.reduce(logits, axis=1, keepdims=True)))
+        (fast_s, fast_acc, fast_p), (old_s, old_acc, old_p) = fits["fast"], fits["old"]
+        print(f"{sub.shape[1]} pixels (every {PROBE_EVERY}th), {len(idx)} labels: fast {fast_acc:.4f} "
+              f"({fast_s:.1f} s), old {old_acc:.4f} ({old_s:.1f} s), |accuracy difference| "
+              f"{abs(fast_acc - old_acc):.4f} (target <= 0.001: {_umap_ok(abs(fast_acc - old_acc) <= 1e-3)}), "
+              f"max |probability difference| {np.abs(fast_p - old_p).max():.1e}")
+
+
+def _old_probe_weights(z_train, y_train, z_val, y_val, l2_grid):
+    """The probe as tasks.py fitted it before the span solver: Newton with the full (d K, d K)
+    Hessian on all d standardised features. Kept here for the comparison only; (design, W)."""
+    mean, std = z_train.mean(0), z_train.std(0)
+    std[std == 0] = 1.0
+    design = lambda z: np.c_[(z - mean) / std, np.ones(len(z))]
+    x_tr, x_va = design(z_train), design(z_val)
+    best_acc, best_w, w = -1.0, None, np.zeros((x_tr.shape[1], tasks.N_CLASSES))
+    for lam in sorted(l2_grid, reverse=True):
+        w = _old_newton(x_tr, y_train, lam, w)
+        acc = np.mean((x_va @ w).argmax(1) == y_val)
+        if acc > best_acc:
+            best_acc, best_w = acc, w
+    return design, best_w
+
+
+def _old_newton(x, y, lam, w0):
+    """Newton's method with the explicit Hessian and Armijo backtracking (the old solver)."""
+    n, d = x.shape
+    k = tasks.N_CLASSES
+    penalty = np.full((d, k), lam)
+    penalty[-1] = tasks.BIAS_RIDGE
+    w = w0.copy()
+    for _ in range(tasks.NEWTON_MAX_ITER):
+        value, grad, p = tasks.logistic_objective(x, y, w, lam)
+        if np.abs(grad).max() < tasks.NEWTON_TOL:
+            break
+        # d2L / dW[a,c] dW[b,e] = 1/n sum_i x_ia x_ib (p_ic [c == e] - p_ic p_ie), W row-major
+        m = (x[:, :, None] * p[:, None, :]).reshape(n, d * k)       # (n, d*k): rows x_i kron p_i
+        hess = -m.T @ m / n + np.diag(penalty.ravel())
+        for c in range(k):
+            hess[c::k, c::k] += (x * p[:, c:c + 1]).T @ x / n        # (d, d): X^T diag(p_:c) X / n
+        step = np.linalg.solve(hess, grad.ravel()).reshape(d, k)
+        t = 1.0
+        while t > 1e-10 and tasks.logistic_objective(x, y, w - t * step, lam)[0] > (
+                value - 1e-4 * t * (grad * step).sum()):
+            t /= 2
+        w = w - t * step
+    return w
+
+
 # ---- main
 
-SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap, "gmm": bench_gmm}
+SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap, "gmm": bench_gmm,
+            "probe": bench_probe}
 
 
 def main():

@@ -66,6 +66,7 @@ INK_STRONG = 0.7                # audit: |rank correlation| with ink from which 
 SAME_TIME_RATIO = 1.25          # audit: training times within this factor count as "about equal"
 EVIDENCE_MAX_DIGITS = 6         # audit evidence: decimals enough for any two float32-derived values
 VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can sample or give mu
+PIXELS = "pixels"               # the row of the raw-pixel references: not a contestant
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
 BUDGET_DRAWS = 3                # stratified draws per label budget
@@ -101,7 +102,7 @@ ETA_OVERHEAD_PARAMS = 300_000
 WATCH_PARENT_S = 0.5            # how often a worker checks that run.py is still there
 # Rows of the report that are not contestants: closed-form pca, the raw pixels (classification) and
 # ink, each image's summed intensity (anomaly detection). No claim about "the contestants" ranks them.
-REFERENCE_ROWS = tuple(ae.REFERENCES) + ("pixels", "ink")
+REFERENCE_ROWS = tuple(ae.REFERENCES) + (PIXELS, "ink")
 # The tasks run on one torch thread: their small steps (the article's probe trains on batches of
 # 32) gain little from a second one, and where anything else runs, threads that wait for each
 # other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: plan_jobs.
@@ -571,6 +572,7 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     figs = {}
     steps = [("reconstruction", lambda: task_reconstruction(models, data, seed)),
              ("classification", lambda: task_classification(models, data, seed, args.quick)),
+             ("pixels", lambda: task_pixel_references(data, seed, args.quick, device)),
              ("baselines", lambda: (task_baselines(data, seed, device), None)),
              ("anomaly", lambda: task_anomaly(anomaly, data, seed)),
              ("generation", lambda: task_generation(models, data, judge, seed)),
@@ -580,7 +582,8 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
         t, STATUS.task = time.time(), f"seed {seed}: {step}"
         STATUS.show(f"{STATUS.task} ...")
         metrics, figs[step] = task()
-        m.update(metrics)
+        for metric, by_model in metrics.items():      # the pixels join the contestants' metrics
+            m.setdefault(metric, {}).update(by_model)
         STATUS.show(f"{STATUS.task} ({time.time() - t:.0f} s)")
         STATUS.end()
     if first:
@@ -614,31 +617,55 @@ def task_classification(models, data, seed, quick):
     Only the 550 labelled training images train; the validation images choose every setting
     (the L2 strength, the early-stopping epoch); the test images are only ever scored.
     """
-    y_all, y_test, probe, val = data["y_all"], data["y_test"], data["probe_idx"], data["val_idx"]
     m, curves = {}, {}
-    put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for name, model in models.items():
         z_all, z_test = _codes(model, data, seed, sample=True)
-        put("probe_accuracy", name, _converged_probe(z_all, z_test, probe, data))
-        if name in VARIATIONAL:
-            mu_all, mu_test = _codes(model, data, seed, sample=False)
-            put("probe_accuracy_mu", name, _converged_probe(mu_all, mu_test, probe, data))
         ae.set_seed(seed)
         net = tasks.FrozenEncoderProbe(model).to(_device(model))
-        put("probe_accuracy_reference_protocol", name, _articles_probe(net, data, seed))
-        knn = tasks.knn_predict(z_all[probe], y_all[probe], z_test, k=10)
-        put("knn_probe_accuracy", name, float(np.mean(knn == y_test)))
-        curves[name] = {}
-        for budget in LABEL_BUDGETS:
-            per_class = budget // tasks.N_CLASSES
-            if per_class * 2 > np.bincount(y_all[data["train_idx"]]).min():
-                continue    # the data set is too small for this budget (tiny test data)
-            draws = QUICK["budget_draws"] if quick else BUDGET_DRAWS
-            accs = [_converged_probe(z_all, z_test, _budget_draw(data, per_class, seed + i), data)
-                    for i in range(draws)]
-            put(f"probe_accuracy_{budget}_labels", name, float(np.mean(accs)))
-            curves[name][budget] = (float(np.mean(accs)), float(np.std(accs)))
+        scores, curves[name] = _classify(z_all, z_test, net, data, seed, quick)
+        if name in VARIATIONAL:
+            mu_all, mu_test = _codes(model, data, seed, sample=False)
+            scores["probe_accuracy_mu"] = _converged_probe(mu_all, mu_test, data["probe_idx"], data)
+        for metric, value in scores.items():
+            m.setdefault(metric, {})[name] = value
     return m, curves
+
+
+def task_pixel_references(data, seed, quick=False, device="cpu"):
+    """The contestants' classification metrics on the raw 1,024 pixels, as model "pixels".
+
+    What an encoder must beat: the same labelled, validation and test images, label-budget
+    draws and seeds as `task_classification`; the article's probe is a Linear(1024, 10) on the
+    pixels, initialised from the run seed and trained as on a frozen encoder.
+    """
+    ae.set_seed(seed)
+    net = torch.nn.Linear(data["x_all"].shape[1], tasks.N_CLASSES).to(device)
+    scores, curve = _classify(data["x_all"], data["x_test"], net, data, seed, quick)
+    return {metric: {PIXELS: value} for metric, value in scores.items()}, curve
+
+
+def _classify(z_all, z_test, net, data, seed, quick):
+    """{metric: value} and the label-budget curve {budget: (mean, std)} of one set of features.
+
+    z_all, z_test: features of all training images and of the test images; net: images -> logits
+    for the article's probe.
+    """
+    y_all, probe = data["y_all"], data["probe_idx"]
+    knn = tasks.knn_predict(z_all[probe], y_all[probe], z_test, k=10)
+    scores = {"probe_accuracy": _converged_probe(z_all, z_test, probe, data),
+              "probe_accuracy_reference_protocol": _articles_probe(net, data, seed),
+              "knn_probe_accuracy": float(np.mean(knn == data["y_test"]))}
+    curve = {}
+    for budget in LABEL_BUDGETS:
+        per_class = budget // tasks.N_CLASSES
+        if per_class * 2 > np.bincount(y_all[data["train_idx"]]).min():
+            continue    # the data set is too small for this budget (tiny test data)
+        draws = QUICK["budget_draws"] if quick else BUDGET_DRAWS
+        accs = [_converged_probe(z_all, z_test, _budget_draw(data, per_class, seed + i), data)
+                for i in range(draws)]
+        scores[f"probe_accuracy_{budget}_labels"] = float(np.mean(accs))
+        curve[budget] = (float(np.mean(accs)), float(np.std(accs)))
+    return scores, curve
 
 
 def task_baselines(data, seed, device):
@@ -882,10 +909,11 @@ def write_figures(figs, data, args, out_dir):
     tasks.plot_roc(figs["anomaly"], at("anomaly_roc.png"))
     curves = figs["classification"]
     budgets = sorted({b for c in curves.values() for b in c})
+    lines = lambda c: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
     if budgets:
-        tasks.plot_label_budget(budgets, {n: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
-                                          for n, c in curves.items()}, at("label_budgets.png"),
-                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS)
+        tasks.plot_label_budget(budgets, {n: lines(c) for n, c in curves.items()}, at("label_budgets.png"),
+                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS,
+                                references={PIXELS: lines(figs["pixels"])})
 
 
 def _device(module):
@@ -1413,12 +1441,16 @@ def report_classification(m, names, cfg, article):
              _fmt(m, "probe_accuracy_reference_protocol", n, 4)]
             + (_published_cells(m, "probe_accuracy_reference_protocol", n, 4) if article else [])
             + [_fmt(m, "knn_probe_accuracy", n, 4)] for n in _rows(m, ["probe_accuracy"], names)]
+    pixels = PIXELS in m.get("probe_accuracy", {})
     text = ("## Classification\n\n"
             f"Frozen encoder (+ bottleneck), {cfg['probe_labels']} labelled training images. *Converged*: "
             "multinomial logistic regression on standardised codes, trained to convergence, L2 "
             "strength picked on the validation set. *Article's probe*: a linear layer, Adam lr 1e-3, "
             "batch 32, at most 20 epochs, early stop on validation accuracy, patience 3. *mu*: the "
-            "VAEs' mean code instead of a sample. *10-NN*: k-NN (k = 10) on the same labels.\n\n"
+            "VAEs' mean code instead of a sample. *10-NN*: k-NN (k = 10) on the same labels."
+            + (" The last row, *pixels*, is no contestant: the same probes on the raw 1,024 pixels of "
+               "the same images (the article's probe: a linear layer on the pixels), the reference an "
+               "encoder must beat." if pixels else "") + "\n\n"
             + _table(["model", "converged", "converged (mu)", "article's probe"]
                      + (["published", "diff", "within 2 std"] if article else []) + ["10-NN"], rows)
             + "\n" + report_baselines(m, article))

@@ -11,7 +11,7 @@ writers, which write atomically (temp file + rename).
 Sections:
     metrics        ROC curve, AUROC, average precision, ink and rank correlation, k-NN accuracy,
                    Frechet distance (NumPy)
-    probes         converged multinomial logistic regression (NumPy Newton), the article's
+    probes         converged multinomial logistic regression (NumPy Newton-CG), the article's
                    probe (a linear layer trained with Adam, torch), label budgets
     samplers       a Gaussian mixture fitted by EM (NumPy), K chosen on validation codes; the
                    vq-VAE's learned categorical prior
@@ -23,8 +23,9 @@ Heusel et al. (2017) for the Frechet distance; Dempster, Laird & Rubin (1977) an
 section 9.2) for EM on a Gaussian mixture; Arthur & Vassilvitskii (2007) for k-means++; Ghosh et
 al. (2020) and Chadebec et al. (2022, Pythae) for sampling any autoencoder from a mixture fitted
 to its codes after training; the protocol is PROTOCOL.md.
-Simplified: the probe's Newton solver forms the full Hessian, which is fine for the latent sizes
-here (up to a few hundred weights) but not for raw pixels.
+Simplified: the probe's Newton steps come from conjugate gradients with a diagonal preconditioner
+only; that is enough for latent codes and for the 1,024 pixels (seconds per fit), not a general
+large-scale solver.
 """
 
 import os
@@ -44,6 +45,7 @@ L2_GRID = np.logspace(-6, 1, 15)   # probe L2 strengths (mean-loss scale); the v
 NEWTON_TOL = 1e-7            # max |gradient| at which the probe counts as converged
 NEWTON_MAX_ITER = 100        # Newton converges in ~10-30 steps here; this only stops pathologies
 BIAS_RIDGE = 1e-8           # pins the softmax's free shift of the bias without penalising it
+CG_FORCING = 0.1            # CG residual of early Newton steps: far from the optimum a rough step does
 REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the article's probe
 INTERP_STEPS = 128           # interior points between the two test images, as the companion code did
 GIF_FRAME_MS, GIF_PAUSE_MS = 40, 800   # ~25 fps along the path, a pause on each real image
@@ -304,21 +306,49 @@ def linear_probe(z_train, y_train, z_val, y_val, z_test, y_test, l2_grid=L2_GRID
 
 def fit_probe(z_train, y_train, z_val, y_val, l2_grid=L2_GRID):
     """Fit the probe of `linear_probe`; returns `accuracy(z, y)` for the chosen model."""
+    design, w = _probe_weights(z_train, y_train, z_val, y_val, l2_grid)
+    return lambda z, y: float(np.mean((design(z) @ w).argmax(1) == np.asarray(y)))
+
+
+def _probe_weights(z_train, y_train, z_val, y_val, l2_grid):
+    """(design, W) of the chosen probe: its logits on codes z are design(z) @ W, W (d + 1, K).
+
+    Solved in the span of the training codes, exactly. With X the (n, d) standardised training
+    codes and V a (d, r) orthonormal basis of its rows (thin SVD X = U S V^T, r = rank X <=
+    min(n, d)), split any weights W = V B + W_perp with V^T W_perp = 0. Then X W = X V B: the
+    cross-entropy sees B only, while ||W||^2 = ||B||^2 + ||W_perp||^2, so the penalised optimum
+    has W_perp = 0 and B solves the same problem (same lambda, same bias) on the r features X V.
+    Its gradient is dL/dW = V dL/dB (X^T has no part outside span V), which `_newton_logistic`
+    tests against NEWTON_TOL, as on the d features. Validation and test codes meet W = V B in the
+    d features (their part outside span V meets W_perp = 0). On 550 labelled 1,024-pixel images
+    this turns 10,250 weights into 5,500; when X has full column rank it is a rotation, which
+    decorrelates the features for the diagonal preconditioner of `_newton_logistic`.
+    """
     z_train = _finite_2d(z_train, "z_train")
     mean, std = z_train.mean(0), z_train.std(0)
     std[std == 0] = 1.0   # a constant feature carries no information; leave it at zero
     design = lambda z: np.c_[(_finite_2d(z, "features") - mean) / std, np.ones(len(z))]
-    x_tr, x_va = design(z_train), design(z_val)
+    x_tr, x_va = design(z_train), design(z_val)                               # (n, d + 1), (m, d + 1)
+    basis = _row_space(x_tr[:, :-1])                                          # (d, r)
+    x_span = np.c_[x_tr[:, :-1] @ basis, x_tr[:, -1]]                         # (n, r + 1)
+    weights = lambda b: np.r_[basis @ b[:-1], b[-1:]]                         # W = V B; bias as it is
     y_tr = np.asarray(y_train)
     if len(np.unique(y_tr)) < 2:
         raise ValueError("the probe needs at least two classes in its training labels")
-    best_acc, best_w, w = -1.0, None, np.zeros((x_tr.shape[1], N_CLASSES))
+    best_acc, best_w, b = -1.0, None, np.zeros((x_span.shape[1], N_CLASSES))
     for lam in sorted(l2_grid, reverse=True):       # strong to weak penalty, warm-started
-        w = _newton_logistic(x_tr, y_tr, lam, w)
-        acc = np.mean((x_va @ w).argmax(1) == y_val)
+        b = _newton_logistic(x_span, y_tr, lam, b, basis)
+        acc = np.mean((x_va @ weights(b)).argmax(1) == y_val)
         if acc > best_acc:
-            best_acc, best_w = acc, w
-    return lambda z, y: float(np.mean((design(z) @ best_w).argmax(1) == np.asarray(y)))
+            best_acc, best_w = acc, weights(b)
+    return design, best_w
+
+
+def _row_space(x):
+    """(d, r) orthonormal basis of the span of x's rows; r is np.linalg.matrix_rank's numerical rank
+    (smaller singular values are rounding noise, their directions carry nothing)."""
+    _, s, vt = np.linalg.svd(x, full_matrices=False)
+    return vt[s > s.max(initial=0.0) * max(x.shape) * np.finfo(float).eps].T
 
 
 def logistic_objective(x, y, w, lam):
@@ -329,8 +359,7 @@ def logistic_objective(x, y, w, lam):
     that tiny ridge pins it down without biasing the fit.
     """
     n = len(x)
-    penalty = np.full((len(w), 1), lam)
-    penalty[-1] = BIAS_RIDGE
+    penalty = _penalty(len(w), lam)
     logits = x @ w
     logits -= logits.max(1, keepdims=True)          # softmax is shift-invariant; avoids overflow
     log_p = logits - np.log(np.exp(logits).sum(1, keepdims=True))
@@ -343,29 +372,49 @@ def logistic_objective(x, y, w, lam):
     return value, x.T @ residual / n + penalty * w, p
 
 
-def _newton_logistic(x, y, lam, w0):
-    """Minimise `logistic_objective` by Newton's method with a backtracking line search."""
-    n, d = x.shape
-    k = N_CLASSES
-    penalty = np.full((d, k), lam)
+def _penalty(d, lam):
+    """(d, 1) L2 strength of each weight row: lam for the features, BIAS_RIDGE for the bias (last)."""
+    penalty = np.full((d, 1), lam)
     penalty[-1] = BIAS_RIDGE
-    w = w0.copy()
+    return penalty
+
+
+def _newton_logistic(x, y, lam, w0, basis=None):
+    """Minimise `logistic_objective` by Newton's method with a backtracking line search.
+
+    Each step s solves H s = g (gradient g, Hessian H at w) by conjugate gradients on products
+    H v (`_hessian_times`), never forming H: building and factoring the (d K, d K) Hessian grows
+    with (d K)^3 (1,481 s for one fit on 1,024 pixels), a product costs two (n, d) x (d, K) matrix
+    products. CG stops at |H s - g| <= eta |g|, eta = min(CG_FORCING, sqrt |g|): loose far from
+    the optimum, near-exact close to it, so Newton still converges superlinearly (line-search
+    Newton-CG, Nocedal & Wright, Numerical Optimization, alg. 7.1). A CG iterate from 0 satisfies
+    g.s = s^T H s > 0, a descent direction, so the line search and the stopping rule
+    (max |gradient| < NEWTON_TOL) are those of exact Newton, and so is the optimum reached.
+
+    Everything stays in the sum-zero subspace S = {W : W 1 = 0} (each row sums to 0 over the
+    classes). The cross-entropy ignores a shift W + u 1^T, the penalty does not, so the optimum
+    is in S; on S the gradient is in S (g 1 = X^T (P - Y) 1 / n + pen W 1 = 0, rows of P - Y sum
+    to 0), and so is H v (`_hessian_times`: the row sums of p_i (a_i - p_i.a_i) are 0). The
+    preconditioned residual is projected back on S: otherwise CG would wander into the shift
+    directions, where H is only lam (or BIAS_RIDGE) and converges slowest. w0 is projected on S
+    first, which keeps X w and only lowers the penalty.
+
+    basis : (d0, d - 1) or None. With a basis, the feature rows of w are coordinates in it
+    (`_probe_weights`); the gradient of the d0 original weights is basis @ g, and that is tested.
+    """
+    penalty = _penalty(x.shape[1], lam)
+    sum_zero = lambda v: v - v.mean(1, keepdims=True)          # the orthogonal projection on S
+    w = sum_zero(w0)
     for _ in range(NEWTON_MAX_ITER):
         value, grad, p = logistic_objective(x, y, w, lam)
-        if np.abs(grad).max() < NEWTON_TOL:
+        full = grad if basis is None else np.r_[basis @ grad[:-1], grad[-1:]]
+        if np.abs(full).max() < NEWTON_TOL:
             break
-        # Hessian of the mean cross-entropy, with W flattened row-major (index a*k + c for
-        # feature a, class c):
-        #   d2L / dW[a,c] dW[b,e] = 1/n sum_i x_ia x_ib (p_ic [c == e] - p_ic p_ie)
-        # The second term is M^T M / n with M[i, a*k + c] = x_ia p_ic. The first is non-zero only
-        # for c == e: one (d, d) block per class c, X^T diag(p_:c) X / n, placed on the entries
-        # (a*k + c, b*k + c).
-        m = (x[:, :, None] * p[:, None, :]).reshape(n, d * k)       # (n, d*k): rows x_i kron p_i
-        hess = -m.T @ m / n + np.diag(penalty.ravel())
-        for c in range(k):
-            block = (x * p[:, c:c + 1]).T @ x / n                    # (d, d): X^T diag(p_:c) X / n
-            hess[c::k, c::k] += block
-        step = np.linalg.solve(hess, grad.ravel()).reshape(d, k)
+        # diag(H)[a, c] = 1/n sum_i x_ia^2 p_ic (1 - p_ic) + penalty_a: the CG preconditioner
+        diag = (x ** 2).T @ (p * (1 - p)) / len(x) + penalty
+        norm = np.linalg.norm(grad)
+        step = _conjugate_gradient(lambda v: _hessian_times(x, p, penalty, v), grad,
+                                   lambda r: sum_zero(r / diag), min(CG_FORCING, np.sqrt(norm)) * norm)
         t = 1.0
         while t > 1e-10:   # Armijo backtracking: a full Newton step can overshoot far from the optimum
             if logistic_objective(x, y, w - t * step, lam)[0] <= value - 1e-4 * t * (grad * step).sum():
@@ -373,6 +422,38 @@ def _newton_logistic(x, y, lam, w0):
             t /= 2
         w = w - t * step
     return w
+
+
+def _hessian_times(x, p, penalty, v):
+    """H v for the Hessian H of `logistic_objective` at probabilities p (n, K); v : (d, K).
+
+    H = 1/n sum_i (diag(p_i) - p_i p_i^T) kron x_i x_i^T + diag(penalty), so with a_i = v^T x_i:
+    (H v)[b, c] = 1/n sum_i x_ib p_ic (a_ic - sum_e p_ie a_ie) + penalty_b v[b, c]
+    """
+    a = x @ v                                                  # (n, K)
+    return x.T @ (p * (a - (p * a).sum(1, keepdims=True))) / len(x) + penalty * v
+
+
+def _conjugate_gradient(times, b, precondition, tol):
+    """Solve A s = b, A symmetric positive definite given as s -> A s, with r -> M^-1 r given.
+
+    Stops once |b - A s| <= tol (Frobenius norm), or after b.size steps, where exact arithmetic
+    would have solved it (preconditioned CG, Nocedal & Wright, Numerical Optimization, alg. 5.3).
+    """
+    s, r = np.zeros_like(b), b.copy()
+    z = precondition(r)
+    d, rz = z.copy(), (r * z).sum()
+    for _ in range(b.size):
+        if np.linalg.norm(r) <= tol:
+            break
+        ad = times(d)
+        alpha = rz / (d * ad).sum()              # exact minimiser along d
+        s += alpha * d
+        r -= alpha * ad
+        z = precondition(r)
+        rz, rz_old = (r * z).sum(), rz
+        d = z + (rz / rz_old) * d                # A-conjugate to every earlier direction
+    return s
 
 
 def label_budget_indices(labels, per_class, seed):
@@ -924,14 +1005,19 @@ def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
     _savefig(fig, path)
 
 
-def plot_label_budget(budgets, acc_by_model, path, draws=1):
+def plot_label_budget(budgets, acc_by_model, path, draws=1, references=None):
     """Probe accuracy vs number of labels (log x, ticked at the budgets), one line per model;
-    acc = (mean, std) lists. With several draws per budget, bars show the std over the draws."""
+    acc = (mean, std) lists. With several draws per budget, bars show the std over the draws.
+    `references` (same form, e.g. the raw pixels) are drawn grey and dashed, apart from the contestants.
+    """
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for name, (mean, std) in acc_by_model.items():
         ax.errorbar(budgets, mean, yerr=std if draws > 1 else None, marker="o", ms=3, capsize=2,
                     label=name)
+    for name, (mean, std) in (references or {}).items():
+        ax.errorbar(budgets, mean, yerr=std if draws > 1 else None, marker="s", ms=3, capsize=2,
+                    color="0.45", ls="--", lw=2, label=f"{name} (reference)")
     ax.set_xscale("log")
     ax.set_xticks(budgets, [f"{b:,}" for b in budgets])
     ax.minorticks_off()     # log ticks would add 10^1, 10^2 and unlabelled marks between budgets
