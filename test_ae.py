@@ -2507,6 +2507,8 @@ class _Wire:
         return np.full(len(x), self._log("per_image_bce", model=model, ids=self.ids(x)))
 
     def _samples(self, model, n):
+        if not hasattr(model.bottleneck, "prior"):      # as Autoencoder.sample: no prior, no samples
+            return None
         token = self._log("sample", model=model, n=n)
         return torch.full((n, ae.INPUT_DIM), token)
 
