@@ -173,14 +173,20 @@ def parse_args(argv=None):
     if not 0 < args.lr < float("inf"):
         p.error(f"--lr must be a positive number, got {args.lr}")
     args.anomaly_digits = _digits(p, args.anomaly_digits)
-    try:
-        args.anomaly_latents = sorted({int(z) for z in args.anomaly_latents.split(",")} | {LATENT_ANOMALY})
-    except ValueError:
-        args.anomaly_latents = [0]
-    if not all(1 <= z <= ae.INPUT_DIM // 2 for z in args.anomaly_latents):
-        p.error(f"--anomaly-latents takes latent sizes from 1 to {ae.INPUT_DIM // 2} separated by "
-                f"commas, got {args.anomaly_latents!r}")
+    args.anomaly_latents = _latents(p, args.anomaly_latents)
     return args
+
+
+def _latents(p, text):
+    """'2,20' -> sorted latent sizes of the anomaly models, the protocol's 2 always among them."""
+    try:
+        sizes = {int(z) for z in text.split(",")}
+    except ValueError:
+        sizes = set()
+    if not sizes or not all(1 <= z <= ae.INPUT_DIM // 2 for z in sizes):
+        p.error(f"--anomaly-latents takes latent sizes from 1 to {ae.INPUT_DIM // 2} separated by "
+                f"commas, got {text!r}")
+    return sorted(sizes | {LATENT_ANOMALY})
 
 
 def _digits(p, text):
