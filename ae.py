@@ -543,8 +543,9 @@ def save(model, path, meta=None):
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    # write a temporary file, then rename: an interrupted save never leaves half a checkpoint
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
+    # write a temporary file, then rename: an interrupted save never leaves half a checkpoint, and
+    # the temporary name never ends in .pt, so nothing that lists checkpoints mistakes it for one
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(payload, f)

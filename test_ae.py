@@ -789,6 +789,17 @@ def test_model_save_load_round_trip(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
 
 
+def test_model_save_in_progress_is_never_listed_as_a_checkpoint(tmp_path, monkeypatch):
+    # a run (or a test) waiting for "*.pt" must not see a save that is still being written
+    seen, real_save = [], torch.save
+    def spy(obj, f):
+        seen.append(sorted(p.name for p in tmp_path.glob("*.pt")))
+        real_save(obj, f)
+    monkeypatch.setattr(torch, "save", spy)
+    ae.save(ae.build("shallow", 2), tmp_path / "m.pt")
+    assert seen == [[]] and [p.name for p in tmp_path.glob("*.pt")] == ["m.pt"]
+
+
 def test_model_save_rejects_non_plain_meta_and_load_reports_missing(tmp_path):
     with pytest.raises(ValueError, match="meta\\['auc'\\]"):
         ae.save(ae.build("shallow", 2), tmp_path / "m.pt", meta={"auc": torch.tensor(0.9)})
