@@ -933,6 +933,7 @@ def main(argv=None):
     t_start, stages = time.time(), {}
     out_dir = os.path.join(args.out, args.dataset)
     device = preflight(args)
+    env = environment(device)       # before any output: figures written into a git tree dirty it
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_idx'])} train / {len(data['val_idx'])} val / "
           f"{len(data['x_test'])} test images; models: {', '.join(args.models)}; "
@@ -951,7 +952,7 @@ def main(argv=None):
                 for i, seed in enumerate(seeds_of(args))]
     stages["tasks"] = time.time() - t
     stages["total"] = time.time() - t_start
-    results = {"config": config(args, data, argv), "environment": {**environment(device), **parallel},
+    results = {"config": config(args, data, argv), "environment": {**env, **parallel},
                "stages_seconds": stages,
                "trainings": [{"training": j["label"], "checkpoint": os.path.basename(j["path"]),
                               "reused": j["reused"], "seconds": trained[_key(j)][1]["history"]["seconds"],

@@ -1828,9 +1828,17 @@ def _run_args(data, out, *extra):
 
 
 @pytest.mark.slow
-def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys):
+def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monkeypatch):
     from PIL import Image
+    # provenance (git_dirty) is read before the run writes anything: with --out inside the git
+    # tree, its own figures would otherwise mark every run as made from a dirty tree
+    real_environment, written = run.environment, []
+    def spy(device):
+        written.append(sorted(p.name for p in tmp_path.rglob("*")))
+        return real_environment(device)
+    monkeypatch.setattr(run, "environment", spy)
     run.main(_run_args(tiny_data, tmp_path))
+    assert written == [[]]
     out = tmp_path / "mnist"
     results = json.loads((out / "results.json").read_text())
     assert set(results) >= {"config", "environment", "metrics"}
