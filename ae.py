@@ -26,6 +26,7 @@ reconstruction loss is computed from them (same value as BCE on the sigmoid, mor
 Depends on torch only.
 """
 
+import dataclasses
 import functools
 import math
 import os
@@ -40,16 +41,11 @@ from torch import nn
 
 INPUT_DIM = 1024  # 28x28 MNIST zero-padded to 32x32
 N_LAYERS = 3  # encoder and decoder layers of every contestant but the shallow one
-MODELS = ("shallow", "vanilla", "stacked", "sparse", "denoising",
-          "vae", "beta_vae_strict", "beta_vae_loose", "vq")
-GENERATIVE = ("vae", "beta_vae_strict", "beta_vae_loose", "vq")
-REFERENCES = ("pca",)  # fitted in closed form, not trained; they run every task beside the nine
 SPARSITY_P = 0.25  # target mean activation of each sparse latent unit (article)
 SPARSITY_BETA = 1.0  # weight of the sparsity penalty (article)
 # The article calls 0.5 the noise *variance*; the companion code used 0.5 as the standard
 # deviation, and that produced the published numbers, so we follow the code.
 DENOISING_STD = 0.5
-KL_BETA = {"vae": 1.0, "beta_vae_strict": 2.0, "beta_vae_loose": 0.5}  # weight of the KL term
 VQ_CODES = 512  # scalar codebook values per latent dimension (companion code)
 VQ_BETA = 1.0  # weight of the commitment loss (article)
 # PCA's linear reconstruction is clipped to [eps, 1 - eps] before BCE. Pixels are multiples of
@@ -108,37 +104,59 @@ def bce(logits, x):
 
 
 # ---- bottlenecks: h (encoder output) -> z (latent code)
-# forward(h) gives the code; regularised(h) gives (z, weighted penalty, dict of raw penalty parts).
-# takes_noise says whether forward accepts fixed noise as forward(h, eps=...).
 
 
-class Identity(nn.Module):
-    """No restriction on the latent space (shallow, vanilla, stacked, denoising)."""
+class Bottleneck(nn.Module):
+    """What makes a contestant what it is: the step from the encoder's output h to the code z.
 
-    takes_noise = False
+    A subclass overrides what it changes:
+      forward(h)           the code z, (B, H) -> (B, Z); the base class passes h through
+      mean(h)              the code without sampling (a stochastic encoder's mean); default forward
+      regularised(h, x)    (z, weighted penalty, {name: raw penalty, detached}) for the training
+                           loss; x is the input, for penalties on the encoder itself
+      prior(n, device)     n codes from the model's prior, (n, Z); define it only if the model samples
+    and sets the class attributes that differ:
+      h_per_z = 1          encoder outputs per code dimension: H = h_per_z * Z (2 for (mu, log_sigma))
+      stochastic = False   forward(h, eps=None) draws noise; encode(x, sample=False) gives mean(h)
+      needs_input_grad = False   regularised differentiates h with respect to x (a contractive
+                           penalty): the loss makes x require grad, evaluate keeps autograd on
+    The constructor takes the latent size and the loss weights of its registry entry.
+    """
+
+    h_per_z = 1
+    stochastic = False
+    needs_input_grad = False
+
+    def __init__(self, latent_dim):
+        super().__init__()
+        self.latent_dim = latent_dim
 
     def forward(self, h):
         return h  # (B, H) -> (B, Z), H = Z
 
-    def regularised(self, h):
-        return h, 0.0, {}
-
     def mean(self, h):
         return self(h)
 
+    def regularised(self, h, x):
+        return self(h), 0.0, {}
 
-class Sparse(Identity):
+
+class Identity(Bottleneck):
+    """No restriction on the latent space (shallow, vanilla, stacked, denoising)."""
+
+
+class Sparse(Bottleneck):
     """z = sigmoid(h), penalised towards a mean activation of p per unit."""
 
-    def __init__(self, p=SPARSITY_P, beta=SPARSITY_BETA):
-        super().__init__()
-        self.p, self.beta = p, beta
+    def __init__(self, latent_dim, beta=SPARSITY_BETA, p=SPARSITY_P):
+        super().__init__(latent_dim)
+        self.beta, self.p = beta, p
 
     def forward(self, h):
         # z = sigmoid(h), read as a probability of being active
         return torch.sigmoid(h)  # (B, H) -> (B, Z), H = Z
 
-    def regularised(self, h):
+    def regularised(self, h, x):
         z = self(h)
         rho = z.mean(dim=0)  # z_bar_j: mean activation of unit j over the batch, (B, Z) -> (Z,)
         p = self.p
@@ -147,16 +165,17 @@ class Sparse(Identity):
         return z, self.beta * kl, {"sparsity": kl.detach()}
 
 
-class Variational(Identity):
+class Variational(Bottleneck):
     """h = (mu, log_sigma); z = mu + sigma * eps, in evaluation too (as the companion code did).
 
     forward(h, eps=None) takes fixed noise eps of shape (B, Z); None draws fresh N(0, I) noise.
     """
 
-    takes_noise = True
+    h_per_z = 2
+    stochastic = True
 
-    def __init__(self, beta=1.0):
-        super().__init__()
+    def __init__(self, latent_dim, beta=1.0):
+        super().__init__(latent_dim)
         self.beta = beta
 
     def forward(self, h, eps=None):
@@ -168,22 +187,22 @@ class Variational(Identity):
     def mean(self, h):
         return h.chunk(2, dim=1)[0]  # mu, (B, 2Z) -> (B, Z)
 
-    def regularised(self, h):
+    def regularised(self, h, x):
         z = self(h)
         mu, log_sigma = h.chunk(2, dim=1)
         # KL = 0.5 * sum_j (exp(2 log_sigma) + mu^2 - 1 - 2 log_sigma), mean over the batch
         kl = 0.5 * (torch.exp(2 * log_sigma) + mu**2 - 1 - 2 * log_sigma).sum() / h.shape[0]
         return z, self.beta * kl, {"kl": kl.detach()}
 
-    def prior(self, n, latent_dim, device):
-        return torch.randn(n, latent_dim, device=device)  # z ~ N(0, I)
+    def prior(self, n, device):
+        return torch.randn(n, self.latent_dim, device=device)  # z ~ N(0, I)
 
 
-class VectorQuantised(Identity):
+class VectorQuantised(Bottleneck):
     """Each latent element snaps to the nearest of its own 512 learned scalar values."""
 
-    def __init__(self, latent_dim, n_codes=VQ_CODES, beta=VQ_BETA):
-        super().__init__()
+    def __init__(self, latent_dim, beta=VQ_BETA, n_codes=VQ_CODES):
+        super().__init__(latent_dim)
         self.beta = beta
         # one scalar codebook per latent dimension, (Z, K), initialised U(-1/K, 1/K)
         self.codebook = nn.Parameter(torch.empty(latent_dim, n_codes).uniform_(-1 / n_codes, 1 / n_codes))
@@ -205,7 +224,7 @@ class VectorQuantised(Identity):
         # z = q + (h - sg(h)): exactly q forward, d z / d h = 1 backward; the codebook learns via L_vq only
         return q.detach() + (h - h.detach())
 
-    def regularised(self, h):
+    def regularised(self, h, x):
         q = self.quantise(h)
         # L_vq = 1/B sum_i sum_j (sg(z) - z_hat)^2: moves the codebook towards the encoder
         vq = ((h.detach() - q) ** 2).sum() / h.shape[0]
@@ -214,9 +233,9 @@ class VectorQuantised(Identity):
         parts = {"vq": vq.detach(), "commitment": commitment.detach()}
         return self.straight_through(h, q), vq + self.beta * commitment, parts
 
-    def prior(self, n, latent_dim, device):
-        idx = torch.randint(self.codebook.shape[1], (n, latent_dim), device=device)  # uniform categories
-        return self.codebook[torch.arange(latent_dim, device=device), idx]
+    def prior(self, n, device):
+        idx = torch.randint(self.codebook.shape[1], (n, self.latent_dim), device=device)  # uniform categories
+        return self.codebook[torch.arange(self.latent_dim, device=device), idx]
 
 
 # ---- models
@@ -229,6 +248,14 @@ class Autoencoder(nn.Module):
         super().__init__()
         self.name, self.latent_dim, self.noise_std = name, latent_dim, noise_std
         self.encoder, self.bottleneck, self.decoder = encoder, bottleneck, decoder
+
+    @staticmethod
+    def networks(latent_dim, h_width):
+        """(encoder x -> h, decoder z -> logits) of N_LAYERS each, widths from hidden_widths."""
+        encoder = mlp(hidden_widths(h_width) + [h_width])
+        # the decoder mirrors the *dense* encoder for this latent dim, also for the (beta-)VAEs
+        decoder = Decoder([latent_dim] + hidden_widths(latent_dim)[:0:-1] + [INPUT_DIM])
+        return encoder, decoder
 
     # -- the two places the stacked model changes: which layers run, and the schedule
     def _hidden(self, x):
@@ -260,7 +287,9 @@ class Autoencoder(nn.Module):
 
     def loss(self, x):
         """(total, parts): total = recon + weighted penalties; parts are the raw, detached terms."""
-        z, penalty, parts = self.bottleneck.regularised(self._hidden(x))  # (B, D) -> (B, H) -> (B, Z)
+        if self.bottleneck.needs_input_grad:
+            x = x.detach().requires_grad_()  # the penalty differentiates h with respect to x
+        z, penalty, parts = self.bottleneck.regularised(self._hidden(x), x)  # (B, D) -> (B, H) -> (B, Z)
         recon = bce(self._logits(z), x)  # (B, Z) -> (B, D) logits -> scalar
         return recon + penalty, {"recon": recon.detach(), **parts}
 
@@ -270,7 +299,15 @@ class Autoencoder(nn.Module):
         if not hasattr(self.bottleneck, "prior"):
             return None
         device = next(self.parameters()).device
-        return self.decoder(self.bottleneck.prior(n, self.latent_dim, device))
+        return self.decoder(self.bottleneck.prior(n, device))
+
+
+class Shallow(Autoencoder):
+    """One layer each way: x -> ReLU(BatchNorm(Linear(x))) = z -> Linear -> sigmoid."""
+
+    @staticmethod
+    def networks(latent_dim, h_width):
+        return nn.Sequential(*mlp([INPUT_DIM, h_width]), nn.ReLU()), Decoder([latent_dim, INPUT_DIM])
 
 
 class Stacked(Autoencoder):
@@ -327,15 +364,15 @@ class Stacked(Autoencoder):
 # ---- the reference: PCA, fitted in closed form
 
 
-class GaussianCode(Identity):
+class GaussianCode(Bottleneck):
     """z = h, with the prior of probabilistic PCA: z ~ N(0, diag(variance of each training code))."""
 
     def __init__(self, latent_dim):
-        super().__init__()
+        super().__init__(latent_dim)
         self.register_buffer("variance", torch.ones(latent_dim))
 
-    def prior(self, n, latent_dim, device):
-        return torch.randn(n, latent_dim, device=device) * self.variance.sqrt()  # (n, Z)
+    def prior(self, n, device):
+        return torch.randn(n, self.latent_dim, device=device) * self.variance.sqrt()  # (n, Z)
 
 
 class LinearDecoder(nn.Module):
@@ -357,10 +394,13 @@ class PCA(Autoencoder):
     No parameter is trained by gradient: `fit_closed_form` sets them, and `fit` calls it.
     """
 
-    def __init__(self, latent_dim):
-        encoder = nn.Linear(INPUT_DIM, latent_dim)  # weight V^T (Z, D), bias -V^T m
-        super().__init__("pca", latent_dim, encoder, GaussianCode(latent_dim), LinearDecoder(latent_dim))
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.requires_grad_(False)
+
+    @staticmethod
+    def networks(latent_dim, h_width):
+        return nn.Linear(INPUT_DIM, latent_dim), LinearDecoder(latent_dim)  # V^T x - V^T m; m + V z
 
     def forward(self, x):
         return self.decoder(self.encode(x))  # (B, D) -> (B, Z) -> (B, D), no sigmoid
@@ -388,33 +428,72 @@ class PCA(Autoencoder):
         self.bottleneck.variance.copy_(variance.clamp(min=0))  # the code variances: eigenvalues
 
 
+# ---- the registry: one entry declares a contestant
+
+
+@dataclasses.dataclass(frozen=True)
+class Contestant:
+    """What a contestant is: its bottleneck and how the model around it is built and trained.
+
+    samples (it has a prior to draw from) and stochastic (its encoder samples a code) are read off
+    the bottleneck class, so they cannot disagree with what the model does.
+    """
+
+    bottleneck: type                    # a Bottleneck subclass: bottleneck(latent_dim, **weights)
+    weights: dict = dataclasses.field(default_factory=dict)   # its loss weights (beta, ...)
+    model: type = Autoencoder           # Autoencoder (3 layers), Shallow (1), Stacked (greedy), PCA
+    noise_std: float = 0.0              # noise added to the input while training (denoising)
+    reference: bool = False             # a reference beside the contestants (pca), not one of them
+
+    @property
+    def samples(self):
+        return hasattr(self.bottleneck, "prior")
+
+    @property
+    def stochastic(self):
+        return self.bottleneck.stochastic
+
+
+CONTESTANTS = {}  # name -> Contestant, in the article's order; register() adds to it
+
+
+def register(name, bottleneck, **entry):
+    """Declare a contestant, e.g. register("mmd", MMD, weights={"beta": 10.0}); see Contestant.
+
+    MODELS, GENERATIVE, VARIATIONAL and REFERENCES are derived here, from the registry alone.
+    """
+    global MODELS, GENERATIVE, VARIATIONAL, REFERENCES
+    CONTESTANTS[name] = Contestant(bottleneck, **entry)
+    MODELS = tuple(n for n, c in CONTESTANTS.items() if not c.reference)
+    GENERATIVE = tuple(n for n in MODELS if CONTESTANTS[n].samples)
+    VARIATIONAL = tuple(n for n in MODELS if CONTESTANTS[n].stochastic)
+    REFERENCES = tuple(n for n, c in CONTESTANTS.items() if c.reference)
+
+
+register("shallow", Identity, model=Shallow)
+register("vanilla", Identity)
+register("stacked", Identity, model=Stacked)
+register("sparse", Sparse, weights={"beta": SPARSITY_BETA})
+register("denoising", Identity, noise_std=DENOISING_STD)
+register("vae", Variational, weights={"beta": 1.0})
+register("beta_vae_strict", Variational, weights={"beta": 2.0})
+register("beta_vae_loose", Variational, weights={"beta": 0.5})
+register("vq", VectorQuantised, weights={"beta": VQ_BETA})
+register("pca", GaussianCode, model=PCA, reference=True)  # fitted in closed form, not trained
+
+
 def build(name, latent_dim=20):
-    """A fresh, untrained contestant. Seed with set_seed first for reproducible weights."""
-    if name not in MODELS + REFERENCES:
-        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(MODELS + REFERENCES)}")
-    enc_out = 2 * latent_dim if name in KL_BETA else latent_dim  # H: (beta-)VAEs encode (mu, log_sigma)
-    if not isinstance(latent_dim, int) or latent_dim < 1 or enc_out > INPUT_DIM:
-        raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // 2}, got {latent_dim!r}")
-    if name == "pca":
-        return PCA(latent_dim)
-    if name == "shallow":
-        encoder = nn.Sequential(*mlp([INPUT_DIM, latent_dim]), nn.ReLU())
-        decoder = Decoder([latent_dim, INPUT_DIM])
-        return Autoencoder(name, latent_dim, encoder, Identity(), decoder)
-    encoder = mlp(hidden_widths(enc_out) + [enc_out])
-    # the decoder mirrors the *dense* encoder for this latent dim, also for the (beta-)VAEs
-    decoder = Decoder([latent_dim] + hidden_widths(latent_dim)[:0:-1] + [INPUT_DIM])
-    if name in KL_BETA:
-        bottleneck = Variational(KL_BETA[name])
-    elif name == "sparse":
-        bottleneck = Sparse()
-    elif name == "vq":
-        bottleneck = VectorQuantised(latent_dim)
-    else:
-        bottleneck = Identity()
-    model_class = Stacked if name == "stacked" else Autoencoder
-    noise_std = DENOISING_STD if name == "denoising" else 0.0
-    return model_class(name, latent_dim, encoder, bottleneck, decoder, noise_std)
+    """A fresh, untrained contestant from its registry entry. Seed with set_seed first."""
+    if name not in CONTESTANTS:
+        raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONTESTANTS)}")
+    c = CONTESTANTS[name]
+    if not isinstance(latent_dim, int) or latent_dim < 1 or c.bottleneck.h_per_z * latent_dim > INPUT_DIM:
+        raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // c.bottleneck.h_per_z}, "
+                         f"got {latent_dim!r}")
+    # the networks before the bottleneck: the seed's draws keep the order they always had
+    encoder, decoder = c.model.networks(latent_dim, c.bottleneck.h_per_z * latent_dim)
+    bottleneck = c.bottleneck(latent_dim, **c.weights)
+    return c.model(name, latent_dim, encoder, bottleneck, decoder, c.noise_std)
 
 
 # ---- training
@@ -483,17 +562,22 @@ def _fit_closed_form(model, train_x, val_x, batch_size, device, progress):
     return history
 
 
-@torch.no_grad()
 def evaluate(model, x, batch_size=256):
-    """Mean loss and mean loss parts over x, in eval mode: {"loss": ..., "recon": ..., ...}."""
+    """Mean loss and mean loss parts over x, in eval mode: {"loss": ..., "recon": ..., ...}.
+
+    Under torch.no_grad(), except for a model whose penalty needs d(h)/d(x) (needs_input_grad,
+    e.g. a contractive penalty): there autograd stays on, since the penalty is a gradient. The loss
+    is only read, never backpropagated, so no parameter's .grad changes either way.
+    """
     was_training = model.training
     model.eval()
     sums = {}
-    for i in range(0, len(x), batch_size):
-        batch = x[i:i + batch_size]
-        loss, parts = model.loss(batch)
-        for key, value in {"loss": loss, **parts}.items():
-            sums[key] = sums.get(key, 0.0) + value * len(batch)
+    with torch.set_grad_enabled(model.bottleneck.needs_input_grad):
+        for i in range(0, len(x), batch_size):
+            batch = x[i:i + batch_size]
+            loss, parts = model.loss(batch)
+            for key, value in {"loss": loss.detach(), **parts}.items():
+                sums[key] = sums.get(key, 0.0) + value * len(batch)
     model.train(was_training)
     return {key: float(value) / len(x) for key, value in sums.items()}
 

@@ -60,7 +60,6 @@ SPLIT = f"torch.randperm seed {SPLIT_SEED}"   # recorded with every checkpoint: 
 EPOCHS = 60                     # the article's training length
 LATENT, LATENT_ANOMALY = 20, 2  # the two trainings per contestant
 ANOMALY_DIGIT = 1               # the article's held-out class
-VARIATIONAL = ("vae", "beta_vae_strict", "beta_vae_loose")   # encode() can sample or give mu
 PIXELS = "pixels"               # the row of the raw-pixel references: not a contestant
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
@@ -114,7 +113,7 @@ def parse_args(argv=None):
                    help="replace a report in --out that was made with other settings")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"default {EPOCHS}, or {QUICK['epochs']} with --quick")
-    p.add_argument("--models", default=",".join(ae.MODELS), help="comma list (default: all nine)")
+    p.add_argument("--models", default=",".join(ae.MODELS), help="comma list (default: every contestant of ae.py)")
     p.add_argument("--seeds", type=int, default=1, help="runs per training: seeds 42, 43, ...")
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -604,7 +603,7 @@ def task_classification(models, data, seed, quick):
         ae.set_seed(seed)
         net = tasks.FrozenEncoderProbe(model).to(_device(model))
         scores, curves[name] = _classify(z_all, z_test, net, data, seed, quick)
-        if name in VARIATIONAL:
+        if model.bottleneck.stochastic:         # the VAEs: their mean code too
             mu_all, mu_test = _codes(model, data, seed, sample=False)
             scores["probe_accuracy_mu"] = _converged_probe(mu_all, mu_test, data["probe_idx"], data)
         for metric, value in scores.items():
@@ -736,7 +735,7 @@ def task_generation(models, data, judge, seed):
         for suffix, k in components.items():
             put(f"sample_components{suffix}", name, k)
         # between the first two test images; the VAEs also with their noise drawn once per path
-        for suffix, fixed in [("", False)] + ([("_fixed_noise", True)] if name in VARIATIONAL else []):
+        for suffix, fixed in [("", False)] + ([("_fixed_noise", True)] if model.bottleneck.stochastic else []):
             ae.set_seed(seed)
             frames = tasks.interpolate(model, x_test[0], x_test[1], fixed_noise=fixed, seed=seed)
             path = tasks.path_quality(tasks.judge_images(judge, frames)[0], int(y_test[0]), int(y_test[1]))

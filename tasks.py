@@ -810,7 +810,7 @@ def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
         t = torch.linspace(0, 1, steps + 2, device=device)[:, None]
         # h(t) = (1 - t) h_a + t h_b
         path = (1 - t) * h[0] + t * h[1]
-        if fixed_noise and model.bottleneck.takes_noise:
+        if fixed_noise and model.bottleneck.stochastic:
             eps = torch.randn(1, model.latent_dim, generator=gen).to(device).expand(len(path), -1)
             z = model.bottleneck(path, eps=eps)
         else:

@@ -481,6 +481,138 @@ def test_model_names():
     assert ae.MODELS == ("shallow", "vanilla", "stacked", "sparse", "denoising",
                          "vae", "beta_vae_strict", "beta_vae_loose", "vq")
     assert ae.GENERATIVE == ("vae", "beta_vae_strict", "beta_vae_loose", "vq")
+    assert ae.VARIATIONAL == ("vae", "beta_vae_strict", "beta_vae_loose") and ae.REFERENCES == ("pca",)
+
+
+@pytest.mark.parametrize("name", ae.MODELS + ae.REFERENCES)
+def test_registry_entry_says_what_the_model_does(name):
+    # samples and stochastic are read off the bottleneck: check them against the built model
+    entry, model = ae.CONTESTANTS[name], _build(name, latent_dim=3).eval()
+    assert issubclass(entry.bottleneck, ae.Bottleneck) and isinstance(model.bottleneck, entry.bottleneck)
+    assert entry.samples == (model.sample(4) is not None)
+    x = _pixels(8)
+    assert entry.stochastic == (not torch.equal(model.encode(x), model.encode(x)))
+    for weight, value in entry.weights.items():
+        assert getattr(model.bottleneck, weight) == value
+    assert model.noise_std == entry.noise_std and type(model) is entry.model
+
+
+# A layout written out by hand, as every checkpoint so far has it: ae.load must keep loading them,
+# and a seed must keep giving the same weights (the registry only moved where a model is declared).
+def _layout_by_hand(name, z):
+    torch.manual_seed(0)
+    h = 2 * z if name in ("vae", "beta_vae_strict", "beta_vae_loose") else z
+    if name == "shallow":
+        enc = nn.Sequential(*ae.mlp([1024, h]), nn.ReLU())
+        widths_dec = [z, 1024]
+    else:
+        s_ = int((1024 // h) ** (1 / 3))
+        widths = [1024 // s_**i for i in range(3)] + [h]
+        enc = ae.mlp(widths)
+        s_z = int((1024 // z) ** (1 / 3))
+        widths_dec = [z] + [1024 // s_z**i for i in range(3)][:0:-1] + [1024]
+    dec = nn.Module()
+    dec.layers = ae.mlp(widths_dec)
+    bottleneck = nn.Module()        # drawn last, listed between encoder and decoder
+    if name == "vq":
+        bottleneck.codebook = nn.Parameter(torch.empty(z, 512).uniform_(-1 / 512, 1 / 512))
+    return {"encoder": enc, "bottleneck": bottleneck, "decoder": dec}
+
+
+@pytest.mark.parametrize("name", ae.MODELS)
+def test_registry_keeps_checkpoint_layout_and_seeded_weights(name, tmp_path):
+    old = nn.ModuleDict(_layout_by_hand(name, 3)).state_dict()
+    ae.set_seed(0)
+    new = ae.build(name, 3).state_dict()
+    assert list(new) == list(old) and all(torch.equal(new[k], old[k]) for k in old)
+    # a checkpoint file as ae.save has always written it loads into today's model
+    torch.save({"name": name, "latent_dim": 3, "meta": {"epochs": 1}, "state_dict": old}, tmp_path / "old.pt")
+    loaded, meta = ae.load(tmp_path / "old.pt")
+    assert meta == {"epochs": 1} and all(torch.equal(loaded.state_dict()[k], old[k]) for k in old)
+
+
+# ---- a contestant added the way the README's "Add your own contestant" says: a class, one
+# registry entry, and a test of its loss by hand
+
+
+def _rbf_mmd(a, b):
+    """MMD^2 = mean k(a, a') + mean k(b, b') - 2 mean k(a, b), k(u, v) = exp(-|u - v|^2 / (2 Z))."""
+    k = lambda u, v: torch.exp(-torch.cdist(u, v) ** 2 / (2 * u.shape[1]))
+    return k(a, a).mean() + k(b, b).mean() - 2 * k(a, b).mean()
+
+
+class _MMD(ae.Bottleneck):
+    """z = h, pulled towards N(0, I) by the maximum mean discrepancy (a Wasserstein autoencoder)."""
+
+    def __init__(self, latent_dim, beta=1.0):
+        super().__init__(latent_dim)
+        self.beta = beta
+
+    def regularised(self, h, x):
+        mmd = _rbf_mmd(h, torch.randn_like(h))
+        return h, self.beta * mmd, {"mmd": mmd.detach()}
+
+    def prior(self, n, device):
+        return torch.randn(n, self.latent_dim, device=device)
+
+
+class _Contractive(ae.Bottleneck):
+    """z = h, with the contractive penalty ||d h / d x||_F^2 (Rifai et al. 2011), mean over the batch."""
+
+    needs_input_grad = True
+
+    def __init__(self, latent_dim, beta=1.0):
+        super().__init__(latent_dim)
+        self.beta = beta
+
+    def regularised(self, h, x):
+        rows = [torch.autograd.grad(h[:, j].sum(), x, create_graph=True)[0] for j in range(h.shape[1])]
+        jacobian = sum((r ** 2).sum() for r in rows) / len(x)
+        return h, self.beta * jacobian, {"contractive": jacobian.detach()}
+
+
+@pytest.fixture
+def registered(monkeypatch):
+    """ae.register for one test: the registry and its derived lists come back as they were."""
+    monkeypatch.setattr(ae, "CONTESTANTS", dict(ae.CONTESTANTS))
+    for derived in ("MODELS", "GENERATIVE", "VARIATIONAL", "REFERENCES"):
+        monkeypatch.setattr(ae, derived, getattr(ae, derived))
+    return ae.register
+
+
+def test_toy_contestant_loss_by_hand(registered):
+    registered("mmd", _MMD, weights={"beta": 3.0})
+    model = _build("mmd", latent_dim=3).eval()
+    x = _pixels(16)
+    torch.manual_seed(7)
+    total, parts = model.loss(x)
+    torch.manual_seed(7)
+    z = model.encoder(x)
+    prior = torch.randn_like(z)
+    # slow reference: the three kernel means as explicit loops
+    k = lambda u, v: math.exp(-float(((u - v) ** 2).sum()) / (2 * 3))
+    mean_k = lambda a, b: sum(k(u, v) for u in a for v in b) / (len(a) * len(b))
+    mmd = mean_k(z, z) + mean_k(prior, prior) - 2 * mean_k(z, prior)
+    recon = F.binary_cross_entropy(model.decode(z), x, reduction="sum") / 16
+    assert float(parts["mmd"]) == pytest.approx(mmd, rel=1e-4)
+    assert float(total) == pytest.approx(float(recon) + 3.0 * mmd, rel=1e-4)
+    assert "mmd" in ae.MODELS and "mmd" in ae.GENERATIVE and "mmd" not in ae.VARIATIONAL
+
+
+def test_toy_contractive_penalty_trains_and_evaluates_with_input_gradients(registered):
+    registered("contractive", _Contractive, weights={"beta": 0.5})
+    model = _build("contractive", latent_dim=2)
+    history = ae.fit(model, _pixels(64), _pixels(16), epochs=2, batch_size=32, progress=False)
+    assert all(math.isfinite(v) for v in history["train_loss"] + history["val_loss"])
+    x = _pixels(4)
+    model.zero_grad(set_to_none=True)
+    got = ae.evaluate(model, x)
+    assert all(p.grad is None for p in model.parameters())     # evaluate reads the loss only
+    # slow reference: the Jacobian of each image's code, one image at a time (eval mode: no batch
+    # statistics, so images do not mix)
+    jac = [torch.autograd.functional.jacobian(lambda v: model.encoder(v[None])[0], xi) for xi in x]
+    want = sum(float((j ** 2).sum()) for j in jac) / len(x)
+    assert got["contractive"] == pytest.approx(want, rel=1e-4)
 
 
 def test_model_unknown_name_error():
@@ -530,7 +662,7 @@ def test_model_vq_codes_come_from_the_codebook():
     model = _build("vq", latent_dim=4).eval()
     codebook = model.bottleneck.codebook.detach()
     assert codebook.shape == (4, 512) and codebook.abs().max() <= 1 / 512
-    for z in (model.encode(_pixels(8)), model.bottleneck.prior(8, 4, "cpu")):
+    for z in (model.encode(_pixels(8)), model.bottleneck.prior(8, "cpu")):
         for j in range(4):
             assert torch.isin(z[:, j], codebook[j]).all()
 
@@ -1872,6 +2004,24 @@ def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monke
 
 
 @pytest.mark.slow
+def test_toy_contestant_runs_the_whole_gauntlet(registered, tiny_data, tmp_path):
+    # the three places of the README's exercise: the class (_MMD), this entry, its loss test above
+    registered("mmd", _MMD, weights={"beta": 3.0})
+    run.main(_run_args(tiny_data, tmp_path, "--models", "shallow,mmd"))
+    out = tmp_path / "mnist"
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    for metric in ("reconstruction_bce", "probe_accuracy", "anomaly_auc", "sample_legibility",
+                   "sample_legibility_gmm", "interpolation_confidence", "latent_knn_accuracy"):
+        assert "mmd" in m[metric], metric
+    assert "shallow" not in m["sample_legibility"]             # own prior: only a model that has one
+    text = (out / "REPORT.md").read_text()
+    assert text.count("| mmd |") >= 6 and "![mmd](interp_mmd.gif)" in text and (out / "interp_mmd.gif").exists()
+    audit = text[text.index("## Audit"):]
+    assert audit.count("| not run |") + audit.count("| confirmed |") + audit.count("| not confirmed |") \
+        + audit.count("| depends |") == len(report.CLAIMS)
+
+
+@pytest.mark.slow
 def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys):
     real_fit, calls = ae.fit, []
 
@@ -2077,7 +2227,7 @@ def test_pca_samples_from_the_code_variances_and_checkpoints_round_trip(tmp_path
     model = ae.build("pca", 3)
     ae.fit(model, x, x[:50], progress=False)
     ae.set_seed(0)
-    z = model.bottleneck.prior(20000, 3, "cpu")
+    z = model.bottleneck.prior(20000, "cpu")
     assert np.allclose(z.std(0).numpy(), model.bottleneck.variance.sqrt().numpy(), rtol=0.03)
     assert model.sample(4).shape == (4, ae.INPUT_DIM)
     ae.save(model, tmp_path / "pca.pt")
@@ -3062,7 +3212,7 @@ def test_science_vq_each_loss_term_reaches_only_its_parameters():
     beta = 0.25                          # != 1, so swapped stop-gradients change the gradients
     vq = ae.VectorQuantised(4, n_codes=8, beta=beta)
     h = torch.randn(6, 4, requires_grad=True)
-    z, penalty, parts = vq.regularised(h)
+    z, penalty, parts = vq.regularised(h, None)
     q = vq.quantise(h).detach()
     penalty.backward()
     # d/dh [L_vq + beta L_c] = beta 2 (h - q) / B: only the commitment term reaches the encoder
