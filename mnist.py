@@ -52,6 +52,8 @@ N_CLASSES = 10      # labels are 0-9
 PAD = 2             # zero border that turns 28 x 28 into 32 x 32, i.e. 1024 inputs (PROTOCOL.md)
 N_VAL = 5000        # the last 5,000 of the seeded permutation of the 60k training images validate
 N_PROBE = 550       # the linear probe learns from the first 550 training indices only
+FASHION_CLASSES = ("T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
+                   "sneaker", "bag", "boot")   # Fashion-MNIST's labels 0-9, shortened for figures
 
 # The four files of every data set, in the order load() returns them.
 FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte",

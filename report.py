@@ -30,9 +30,10 @@ import time
 
 import numpy as np
 
+import mnist
 import tasks
-from run import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FASHION_CLASSES, FIRST_SEED, LABEL_BUDGETS,
-                 LATENT_ANOMALY, N_GENERATED, PIXELS, QUICK, SAMPLERS, _hms)
+from run import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FIRST_SEED, LABEL_BUDGETS, LATENT_ANOMALY,
+                 N_GENERATED, N_SHOWN, PIXELS, QUICK, SAMPLERS, _hms)
 
 # ---- constants
 
@@ -553,7 +554,7 @@ def report_baselines(m, article):
 
 
 def report_anomaly(m, names, cfg, article, out_dir):
-    held_out = (f"class {ANOMALY_DIGIT} ({FASHION_CLASSES[ANOMALY_DIGIT]})"
+    held_out = (f"class {ANOMALY_DIGIT} ({mnist.FASHION_CLASSES[ANOMALY_DIGIT]})"
                 if cfg["dataset"] == "fashion" else f"digit {ANOMALY_DIGIT}")
     rows = [[_label(n, names), _fmt(m, "anomaly_auc", n, 4), _fmt(m, "anomaly_auprc", n, 4),
              _fmt(m, "anomaly_auc_signed_score", n, 4)]
@@ -678,6 +679,40 @@ def report_settings(results):
         ["setting", "value"], [asked(k, v) if k in both else [k, f"`{v}`"] for k, v in cfg.items()]
         + [[f"seconds: {k}", f"{v:.0f}"] for k, v in stages.items()]
         + [[f"{k} (used)" if k in both else k, f"`{v}`"] for k, v in env.items()])
+
+
+# ---- the figures beside REPORT.md (run.py draws them from the first seed's arrays)
+
+def write_figures(figs, data, args, out_dir):
+    """The first seed's figures and GIFs, beside REPORT.md."""
+    maps, gen = figs["latent"], figs["generation"]
+    y_map = data["y_test"][:len(next(iter(maps["maps20"].values())))]
+    names = mnist.FASHION_CLASSES if args.dataset == "fashion" else None
+    at = lambda filename: os.path.join(out_dir, filename)
+    tasks.plot_reconstructions(data["x_test"][:N_SHOWN], figs["reconstruction"], at("reconstructions.png"))
+    if gen["samples"]:
+        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"], order=SAMPLERS.values())
+    for filename, frames in gen["gifs"].items():
+        tasks.save_gif(frames, at(filename))
+    tasks.plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
+    tasks.plot_latents(maps["maps2"], y_map, at("latent_2d.png"), maps["notes2"], names)
+    tasks.plot_roc(figs["anomaly"], at("anomaly_roc.png"))
+    curves = figs["classification"]
+    budgets = sorted({b for c in curves.values() for b in c})
+    lines = lambda c: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
+    if budgets:
+        tasks.plot_label_budget(budgets, {n: lines(c) for n, c in curves.items()}, at("label_budgets.png"),
+                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS,
+                                references={PIXELS: lines(figs["pixels"])})
+
+
+def remove_stale_figures(out_dir, since):
+    """Delete the figures and GIFs in out_dir that this run (started at `since`) did not write:
+    those of models or tasks an earlier report had and this one lacks."""
+    for path in pathlib.Path(out_dir).glob("*"):
+        if path.suffix in (".png", ".gif") and path.stat().st_mtime < since:
+            path.unlink()
+
 
 
 # ---- helpers

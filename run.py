@@ -51,6 +51,7 @@ import mnist
 import tasks
 import umap_lite
 
+
 # ---- constants
 
 DATASETS = ("mnist", "fashion", "kmnist")
@@ -89,8 +90,6 @@ REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "
 OUT, QUICK_OUT = "runs", os.path.join("runs", "quick")   # git-ignored; results/ is written only on request
 DEAD_SPAN = 1e-6                # a latent unit spanning less than this of the widest one's range is
                                 # constant: far below one pixel of any map
-FASHION_CLASSES = ["T-shirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt",
-                   "sneaker", "bag", "boot"]
 
 
 # ---- command line
@@ -542,7 +541,7 @@ def _exit_with_parent(parent):
 # ---- the gauntlet: one function per task, each over every model of one seed
 
 def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
-    """All tasks for one seed; returns {metric: {model: value}} and, for the first seed, figures."""
+    """All tasks for one seed: ({metric: {model: value}}, {task: what its figures show})."""
     names = args.models + list(ae.REFERENCES)      # the contestants, then the references
     models = _Announced({n: trained[(n, LATENT, seed, None)][0] for n in names})
     anomaly = {(z, d): _Announced({n: trained[(n, z, seed, d)][0] for n in names})
@@ -566,9 +565,7 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
             m.setdefault(metric, {}).update(by_model)
         STATUS.show(f"{STATUS.task} ({time.time() - t:.0f} s)")
         STATUS.end()
-    if first:
-        write_figures(figs, data, args, out_dir)
-    return m
+    return m, figs
 
 
 class _Announced(dict):
@@ -873,29 +870,6 @@ def get_judge(data, args, device, out_dir):
     return judge
 
 
-def write_figures(figs, data, args, out_dir):
-    """The first seed's figures and GIFs, beside REPORT.md."""
-    maps, gen = figs["latent"], figs["generation"]
-    y_map = data["y_test"][:len(next(iter(maps["maps20"].values())))]
-    names = FASHION_CLASSES if args.dataset == "fashion" else None
-    at = lambda filename: os.path.join(out_dir, filename)
-    tasks.plot_reconstructions(data["x_test"][:N_SHOWN], figs["reconstruction"], at("reconstructions.png"))
-    if gen["samples"]:
-        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"], order=SAMPLERS.values())
-    for filename, frames in gen["gifs"].items():
-        tasks.save_gif(frames, at(filename))
-    tasks.plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
-    tasks.plot_latents(maps["maps2"], y_map, at("latent_2d.png"), maps["notes2"], names)
-    tasks.plot_roc(figs["anomaly"], at("anomaly_roc.png"))
-    curves = figs["classification"]
-    budgets = sorted({b for c in curves.values() for b in c})
-    lines = lambda c: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
-    if budgets:
-        tasks.plot_label_budget(budgets, {n: lines(c) for n, c in curves.items()}, at("label_budgets.png"),
-                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS,
-                                references={PIXELS: lines(figs["pixels"])})
-
-
 def _device(module):
     return next(module.parameters()).device
 
@@ -922,8 +896,13 @@ def main(argv=None):
     STATUS.show("judge (the digit classifier that scores samples) ...")
     judge = get_judge(data, args, device, out_dir)
     STATUS.end()
-    per_seed = [run_gauntlet(trained, data, args, seed, judge, device, out_dir, first=i == 0)
-                for i, seed in enumerate(seeds_of(args))]
+    import report       # here, not at the top: report.py reads this file's constants
+    per_seed = []
+    for i, seed in enumerate(seeds_of(args)):
+        m, figs = run_gauntlet(trained, data, args, seed, judge, device, out_dir, first=i == 0)
+        if i == 0:
+            report.write_figures(figs, data, args, out_dir)     # the figures show the first seed
+        per_seed.append(m)
     stages["tasks"] = time.time() - t
     stages["total"] = time.time() - t_start
     results = {"config": config(args, data, argv), "environment": {**env, **parallel},
@@ -935,19 +914,10 @@ def main(argv=None):
                "metrics": summarise(per_seed)}
     path = os.path.join(out_dir, "results.json")
     tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(results, indent=1)))
-    import report       # here, not at the top: report.py reads this file's constants
     report_path = report.write_report(results, out_dir)
-    remove_stale_figures(out_dir, t_start)
+    report.remove_stale_figures(out_dir, t_start)
     print(f"done in {_hms(stages['total'])}: {report_path} (results: {path})")
     return results
-
-
-def remove_stale_figures(out_dir, since):
-    """Delete the figures and GIFs in out_dir that this run (started at `since`) did not write:
-    those of models or tasks an earlier report had and this one lacks."""
-    for path in pathlib.Path(out_dir).glob("*"):
-        if path.suffix in (".png", ".gif") and path.stat().st_mtime < since:
-            path.unlink()
 
 
 def config(args, data, argv):

@@ -2416,13 +2416,13 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
             assert m["anomaly_auc_signed_score" + suffix][name]["mean"] == pytest.approx(
                 tasks.roc_auc(positives, signed))
     # REPORT.md and the heatmap come from results.json alone
-    report = (out / "REPORT.md").read_text()
-    assert "### Every held-out digit" in report and "### Latent size" in report
-    assert f"{m['anomaly_auc_digit_3']['pca']['mean']:.3f}" in report
+    text = (out / "REPORT.md").read_text()
+    assert "### Every held-out digit" in text and "### Latent size" in text
+    assert f"{m['anomaly_auc_digit_3']['pca']['mean']:.3f}" in text
     (out / "REPORT.md").unlink()
     (out / "anomaly_digits.png").unlink()
     report.write_report(results, str(out))
-    assert (out / "REPORT.md").read_text() == report and (out / "anomaly_digits.png").exists()
+    assert (out / "REPORT.md").read_text() == text and (out / "anomaly_digits.png").exists()
     rows = [r for r in report.audit(m, ["shallow"], [0, 1, 3]) if r[0].startswith("PCA is a good first try")]
     assert len(rows) == 2 and all("means over 3 digits" in r[2] for r in rows)
 
@@ -2907,7 +2907,7 @@ def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch
             {} if _t == "baselines" else ({}, None)))
     for seed in run.seeds_of(args):
         got.clear()
-        m = run.run_gauntlet(trained, data, args, seed, "judge", torch.device("cpu"), "out", first=False)
+        m, _ = run.run_gauntlet(trained, data, args, seed, "judge", torch.device("cpu"), "out", first=False)
         latent20 = {n: trained[(n, run.LATENT, seed, None)][0] for n in names}
         for task in ("reconstruction", "classification", "generation"):
             assert got[task][0] == latent20 and seed in got[task]
@@ -3604,7 +3604,7 @@ def test_run_removes_only_the_figures_this_run_did_not_write(tmp_path):
     fresh = ["interp_vanilla.gif", "latent_2d.png"]
     for name in fresh:
         (tmp_path / name).write_text("x")
-    run.remove_stale_figures(tmp_path, since)
+    report.remove_stale_figures(tmp_path, since)
     assert _files(tmp_path) == sorted(fresh + other)
 
 
