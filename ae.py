@@ -1,9 +1,9 @@
-"""The nine contestants of the Autoencoder Bake-Off and the one loop that trains them all.
+"""The contestants of the Autoencoder Bake-Off and the one loop that trains them all.
 
 Use:
     import ae
     ae.set_seed(42)
-    model = ae.build("vae", latent_dim=20)           # one of ae.MODELS
+    model = ae.build("vae", latent_dim=20)           # one of ae.MODELS (ae.CONTESTANTS: the registry)
     history = ae.fit(model, train_x, val_x)          # float32 (N, 1024) in [0, 1]
     probs = model(x); total, parts = model.loss(x); z = model.encode(x, sample=False)
     ae.save(model, "vae.pt", meta={"epochs": 60}); model, meta = ae.load("vae.pt")
@@ -24,6 +24,10 @@ Simplified: data sits on the device as one tensor (no DataLoader); no logging fr
 learning-rate schedule, no early stopping; the decoder's last Linear yields logits and the
 reconstruction loss is computed from them (same value as BCE on the sigmoid, more stable).
 Depends on torch only.
+
+First read: Bottleneck and the four bottlenecks, Autoencoder, the registry (one `register` line
+per contestant; README, "Add your own contestant") and `fit`. Skip the stacked model's schedule,
+PCA and the helpers (devices, checkpoints, input checks) until you need them.
 """
 
 import dataclasses

@@ -45,6 +45,8 @@ probe: the converged probe (tasks.linear_probe, as run.py calls it) on the 1,024
 
 Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
 on a busy machine the numbers are noisy, so check the load (uptime) first.
+
+First read: skip this file; it measures, it does not define anything the report uses.
 """
 
 import argparse

@@ -26,6 +26,9 @@ References:
 
 Simplified: a flat folder holds one data set (MNIST and Fashion-MNIST share file names, so a folder with
 the wrong set's files loads as that set); no resuming of half-finished downloads; no EMNIST/QMNIST.
+
+First read: load, to_vectors and the split functions. Skip the downloader and the checks of a
+damaged IDX file (sizes, magic numbers, checksums) until you need them.
 """
 
 import argparse

@@ -1,4 +1,4 @@
-"""Run the Autoencoder Bake-Off: train the nine contestants, put them through the gauntlet, report.
+"""Run the Autoencoder Bake-Off: train the contestants, put them through the gauntlet, report.
 
     python run.py                                  # full protocol on MNIST (downloads it if needed)
     python run.py --quick                          # reduced settings, a complete report in minutes
@@ -17,11 +17,14 @@ The recipe, as `main` follows it (PROTOCOL.md has every detail):
        (anomaly detection), 60 epochs each, several trainings at once in worker processes
     3. per seed, run the gauntlet: reconstruction, classification, anomaly detection, samples and
        interpolation, latent structure, and the three baselines
-    4. summarise over seeds (mean, std, the runs), audit the article's claims seed by seed
-    5. write results.json and REPORT.md
+    4. summarise over seeds (mean, std, the runs) and write results.json
+    5. report.py audits the article's claims seed by seed and writes REPORT.md beside it
 
 Simplified: one output folder serves one run at a time; workers are plain processes fed from a
-queue (no scheduler); the report is Markdown written line by line.
+queue (no scheduler).
+
+First read: `main`, then the task functions (`task_*`, in the order `run_gauntlet` calls them).
+Skip the command-line checks, the worker processes, the status line and the signal handling.
 """
 
 import argparse

@@ -26,6 +26,9 @@ to its codes after training; the protocol is PROTOCOL.md.
 Simplified: the probe's Newton steps come from conjugate gradients with a diagonal preconditioner
 only; that is enough for latent codes and for the 1,024 pixels (seconds per fit), not a general
 large-scale solver.
+
+First read: one task at a time, beside the run.py function that calls it; roc_auc, knn_predict and
+linear_probe first. Skip the Newton-CG internals, EM's numerics and the plotting helpers.
 """
 
 import os

@@ -4,6 +4,10 @@ Every test makes its own tiny data (IDX files, random images, Gaussian blobs); n
 real data sets or the network beyond a server the tests start on 127.0.0.1. Where possible a
 result is checked against an independent slow reference: a hand-built IDX file, a loss computed
 by hand, a brute-force nearest-neighbour search, the pairwise definition of AUC.
+
+First read: the tests of the module you are reading, in the file's order (one section per
+module); the wiring tests near the end check which data, labels, seed and model each number of
+run.py used.
 """
 
 import contextlib

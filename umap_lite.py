@@ -35,6 +35,9 @@ Simplified against umap-learn (whose defaults are used everywhere else):
     (trustworthiness and 10-NN accuracy equal within seed noise when both start from PCA).
   - n_neighbors counts the point itself, as in umap-learn: each point gets n_neighbors - 1
     neighbours and its kernel is tuned to a total weight of log2(n_neighbors).
+
+First read: embed and the six steps it calls, in order. Skip the nearest-neighbour blocking and
+trustworthiness until you need them.
 """
 
 import numbers
