@@ -49,7 +49,8 @@ NEWTON_TOL = 1e-7            # max |gradient| at which the probe counts as conve
 NEWTON_MAX_ITER = 100        # Newton converges in ~10-30 steps here; this only stops pathologies
 BIAS_RIDGE = 1e-8           # pins the softmax's free shift of the bias without penalising it
 CG_FORCING = 0.1            # CG residual of early Newton steps: far from the optimum a rough step does
-REF_EPOCHS, REF_BATCH, REF_LR, REF_PATIENCE = 20, 32, 1e-3, 3   # the article's probe
+# the article's probe: at most 20 epochs of Adam (lr 1e-3) on batches of 32, early stop with patience 3
+ARTICLES_PROBE_EPOCHS, ARTICLES_PROBE_BATCH, ARTICLES_PROBE_LR, ARTICLES_PROBE_PATIENCE = 20, 32, 1e-3, 3
 INTERP_STEPS = 128           # interior points between the two test images, as the companion code did
 GIF_FRAME_MS, GIF_PAUSE_MS = 40, 800   # ~25 fps along the path, a pause on each real image
 GIF_SCALE = 2                # 32 px digits are too small to see; nearest-neighbour upscaling
@@ -499,7 +500,8 @@ class FrozenEncoderProbe(nn.Module):
 
 
 def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=42,
-                     epochs=REF_EPOCHS, batch_size=REF_BATCH, lr=REF_LR, patience=REF_PATIENCE):
+                     epochs=ARTICLES_PROBE_EPOCHS, batch_size=ARTICLES_PROBE_BATCH, lr=ARTICLES_PROBE_LR,
+                     patience=ARTICLES_PROBE_PATIENCE):
     """The article's probe: Adam on cross-entropy, early stop on validation accuracy.
 
     `net` maps images (B, 1024) to logits (B, 10); only its trainable parameters are updated.

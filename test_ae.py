@@ -1272,7 +1272,7 @@ def test_label_budget_indices_stratified():
     assert not np.array_equal(idx, tasks.label_budget_indices(y, 4, seed=1))
 
 
-def test_reference_protocol_probe_learns_and_keeps_encoder_frozen():
+def test_articles_probe_learns_and_keeps_encoder_frozen():
     torch.manual_seed(0)
     model = ae.build("vanilla", 2)
     x = torch.rand(120, 1024)
@@ -1551,7 +1551,7 @@ def test_train_classifier_reports_test_accuracy_of_best_validation_epoch(net_cla
             best_e, best_val, waited = e, acc_after(e, x_val, y_val), 0
         else:
             waited += 1
-            if waited >= tasks.REF_PATIENCE:
+            if waited >= tasks.ARTICLES_PROBE_PATIENCE:
                 break
     assert best_e == 2 and last_e == 5                          # precondition: early peak
     want = acc_after(best_e, x_test, y_test)
@@ -3175,7 +3175,7 @@ def test_boundary_early_stopping_patience_3_and_a_tie_is_no_improvement():
     x_train, y_train = np.c_[np.full(32, 10.0)], np.ones(32, int)
     got = lambda **kw: tasks.train_classifier(_ThresholdNet(), x_train, y_train, x_val, y_val, x_test, y_test,
                                               seed=0, epochs=epochs, batch_size=32, lr=lr, **kw)
-    assert tasks.REF_PATIENCE == 3
+    assert tasks.ARTICLES_PROBE_PATIENCE == 3
     assert got() == 0.25                 # stops after epoch 4 (ties and falls), keeps epoch 1
     assert got(patience=4) == 0.75       # one more epoch reaches the rise at epoch 5
 
