@@ -27,6 +27,7 @@ import os
 import pathlib
 import sys
 import time
+from functools import partial
 
 import numpy as np
 
@@ -129,11 +130,9 @@ def claim_vaes_reconstruct_worse(s, names, digits):
     return holds, _listed(bce, ["vanilla"] + vaes, 1)
 
 
-def claim_denoising_best(metric):
-    def check(s, names, digits):
-        best = _ranked(s, metric, names)[-1]
-        return best == "denoising", f"best {best} {s[metric][best]:.3f}"
-    return check
+def claim_denoising_best(s, names, digits, metric):
+    best = _ranked(s, metric, names)[-1]
+    return best == "denoising", f"best {best} {s[metric][best]:.3f}"
 
 
 def claim_sparse_below_baseline(s, names, digits):
@@ -162,45 +161,37 @@ def claim_loose_best_vae(s, names, digits):
     return best == "beta_vae_loose", _listed(acc, ARTICLE_VAES, 3)
 
 
-def claim_anomaly_order(metric):
-    def check(s, names, digits):
-        order = _ranked(s, metric, names)[::-1]
-        return order[:2] == ["shallow", "stacked"], _listed(s[metric], order[:3], 3)
-    return check
+def claim_anomaly_order(s, names, digits, metric):
+    order = _ranked(s, metric, names)[::-1]
+    return order[:2] == ["shallow", "stacked"], _listed(s[metric], order[:3], 3)
 
 
-def claim_anomaly_order_every_digit(metric):
-    def check(s, names, digits):
-        held = [d for d in digits if _ranked(s, f"{metric}_digit_{d}", names)[::-1][:2] == ["shallow", "stacked"]]
-        firsts = ", ".join(f"{d}: {_ranked(s, f'{metric}_digit_{d}', names)[-1]}" for d in digits)
-        return len(held) == len(digits), f"holds for {len(held)} of {len(digits)} digits (best: {firsts})"
-    return check
+def claim_anomaly_order_every_digit(s, names, digits, metric):
+    held = [d for d in digits if _ranked(s, f"{metric}_digit_{d}", names)[::-1][:2] == ["shallow", "stacked"]]
+    firsts = ", ".join(f"{d}: {_ranked(s, f'{metric}_digit_{d}', names)[-1]}" for d in digits)
+    return len(held) == len(digits), f"holds for {len(held)} of {len(digits)} digits (best: {firsts})"
 
 
-def claim_anomaly_order_every_latent(metric):
-    def check(s, names, digits):
-        latents = _anomaly_latents(s)
-        key = lambda z: f"{metric}_digit_{ANOMALY_DIGIT}" + ("" if z == LATENT_ANOMALY else f"_z{z}")
-        tops = {z: _ranked(s, key(z), names)[::-1][:2] for z in latents}
-        rho = tasks.spearman([s[key(latents[0])][n] for n in names], [s[key(latents[-1])][n] for n in names])
-        return (all(t == ["shallow", "stacked"] for t in tops.values()),
-                "; ".join(f"z={z}: {', '.join(f'{n} {s[key(z)][n]:.3f}' for n in t)}" for z, t in tops.items())
-                + f"; rank correlation z={latents[0]} vs z={latents[-1]} {rho:.2f}")
-    return check
+def claim_anomaly_order_every_latent(s, names, digits, metric):
+    latents = _anomaly_latents(s)
+    key = lambda z: f"{metric}_digit_{ANOMALY_DIGIT}" + ("" if z == LATENT_ANOMALY else f"_z{z}")
+    tops = {z: _ranked(s, key(z), names)[::-1][:2] for z in latents}
+    rho = tasks.spearman([s[key(latents[0])][n] for n in names], [s[key(latents[-1])][n] for n in names])
+    return (all(t == ["shallow", "stacked"] for t in tops.values()),
+            "; ".join(f"z={z}: {', '.join(f'{n} {s[key(z)][n]:.3f}' for n in t)}" for z, t in tops.items())
+            + f"; rank correlation z={latents[0]} vs z={latents[-1]} {rho:.2f}")
 
 
-def claim_pca_first_try(metric):
+def claim_pca_first_try(s, names, digits, metric):
     """PCA within CLEAR_MARGIN of the best contestant, at the article's digit or (sweep) on the
     mean over the held-out digits: a first try that is hardly worse than the best autoencoder."""
-    def check(s, names, digits):
-        keys = [metric] if len(digits) < 2 else [f"{metric}_digit_{d}" for d in digits]
-        mean = lambda n: float(np.mean([s[k][n] for k in keys]))
-        best = max(names, key=mean)
-        close = sum(s[k]["pca"] >= max(s[k][n] for n in names) - CLEAR_MARGIN for k in keys)
-        return (mean("pca") >= mean(best) - CLEAR_MARGIN,
-                f"pca {mean('pca'):.3f}, shallow {mean('shallow'):.3f}, best {best} {mean(best):.3f}"
-                + (f" (means over {len(keys)} digits; pca close to the best for {close})" if len(keys) > 1 else ""))
-    return check
+    keys = [metric] if len(digits) < 2 else [f"{metric}_digit_{d}" for d in digits]
+    mean = lambda n: float(np.mean([s[k][n] for k in keys]))
+    best = max(names, key=mean)
+    close = sum(s[k]["pca"] >= max(s[k][n] for n in names) - CLEAR_MARGIN for k in keys)
+    return (mean("pca") >= mean(best) - CLEAR_MARGIN,
+            f"pca {mean('pca'):.3f}, shallow {mean('shallow'):.3f}, best {best} {mean(best):.3f}"
+            + (f" (means over {len(keys)} digits; pca close to the best for {close})" if len(keys) > 1 else ""))
 
 
 def claim_signed_score_is_ink(s, names, digits):
@@ -211,21 +202,17 @@ def claim_signed_score_is_ink(s, names, digits):
             f"|ρ| >= {INK_STRONG} for {len(strong)} of {len(names)}; median ρ {median:.3f}")
 
 
-def claim_beat_pixels(metric):
-    def check(s, names, digits):
-        pixels = s[metric]["pixels"]
-        above = [n for n in names if s[metric][n] > pixels]
-        return len(above) > len(names) / 2, f"{len(above)} of {len(names)} above pixels {pixels:.3f}"
-    return check
+def claim_beat_pixels(s, names, digits, metric):
+    pixels = s[metric]["pixels"]
+    above = [n for n in names if s[metric][n] > pixels]
+    return len(above) > len(names) / 2, f"{len(above)} of {len(names)} above pixels {pixels:.3f}"
 
 
-def claim_strict_most_legible(suffix):
+def claim_strict_most_legible(s, names, digits, suffix):
     """Among the contestants in `names` that have this sampler (never a reference model)."""
-    def check(s, names, digits):
-        legible = {n: v for n, v in s[f"sample_legibility{suffix}"].items() if n in names}
-        best = max(legible, key=legible.get)
-        return best == "beta_vae_strict", _listed(legible, list(legible), 2)
-    return check
+    legible = {n: v for n, v in s[f"sample_legibility{suffix}"].items() if n in names}
+    best = max(legible, key=legible.get)
+    return best == "beta_vae_strict", _listed(legible, list(legible), 2)
 
 
 def claim_loose_diverse_less_legible(s, names, digits):
@@ -243,13 +230,11 @@ def claim_vq_samples_worst(s, names, digits):
     return least[0] == "vq", "least legible: " + _listed(legible, least, 2)
 
 
-def claim_vq_needs_learned_prior(suffix):
+def claim_vq_needs_learned_prior(s, names, digits, suffix):
     """The learned prior's vq-VAE samples beat uniform codes: more legible and a lower FD."""
-    def check(s, names, digits):
-        leg, fd = s[f"sample_legibility{suffix}"]["vq"], s[f"sample_frechet{suffix}"]["vq"]
-        leg0, fd0 = s["sample_legibility"]["vq"], s["sample_frechet"]["vq"]
-        return leg > leg0 and fd < fd0, f"legible {leg:.2f} vs {leg0:.2f} uniform, FD {fd:.0f} vs {fd0:.0f}"
-    return check
+    leg, fd = s[f"sample_legibility{suffix}"]["vq"], s[f"sample_frechet{suffix}"]["vq"]
+    leg0, fd0 = s["sample_legibility"]["vq"], s["sample_frechet"]["vq"]
+    return leg > leg0 and fd < fd0, f"legible {leg:.2f} vs {leg0:.2f} uniform, FD {fd:.0f} vs {fd0:.0f}"
 
 
 def claim_only_vaes_sample(s, names, digits):
@@ -287,9 +272,9 @@ CLAIMS = [
     ("The VAEs reconstruct worse than vanilla; strict beta-VAE worst of them.",
      ("vanilla",) + ARTICLE_VAES, None, claim_vaes_reconstruct_worse),
     ("Denoising features classify best (the article's probe).", ("denoising",), None,
-     claim_denoising_best("probe_accuracy_articles_probe")),
+     partial(claim_denoising_best, metric="probe_accuracy_articles_probe")),
     ("Denoising features classify best (converged probe).", ("denoising",), None,
-     claim_denoising_best("probe_accuracy")),
+     partial(claim_denoising_best, metric="probe_accuracy")),
     ("Sparse features are not suited for classification: below the baseline (the article's probe).",
      ("sparse",), None, claim_sparse_below_baseline),
     ("Sparse features are not suited for classification: below the others' median (converged probe).",
@@ -299,41 +284,44 @@ CLAIMS = [
     ("Among the VAEs, the loose beta-VAE classifies best (the article's probe).", ARTICLE_VAES, None,
      claim_loose_best_vae),
     ("Shallow is best at anomaly detection, stacked second (summed BCE score).",
-     ("shallow", "stacked"), None, claim_anomaly_order("anomaly_auc")),
+     ("shallow", "stacked"), None, partial(claim_anomaly_order, metric="anomaly_auc")),
     ("Shallow is best at anomaly detection, stacked second (the article's signed score).",
-     ("shallow", "stacked"), None, claim_anomaly_order("anomaly_auc_signed_score")),
+     ("shallow", "stacked"), None, partial(claim_anomaly_order, metric="anomaly_auc_signed_score")),
     ("The anomaly order (shallow best, stacked second) is stable for every held-out digit (summed BCE).",
-     ("shallow", "stacked"), several_digits, claim_anomaly_order_every_digit("anomaly_auc")),
+     ("shallow", "stacked"), several_digits, partial(claim_anomaly_order_every_digit, metric="anomaly_auc")),
     ("The anomaly order (shallow best, stacked second) is stable for every held-out digit (signed score).",
-     ("shallow", "stacked"), several_digits, claim_anomaly_order_every_digit("anomaly_auc_signed_score")),
+     ("shallow", "stacked"), several_digits,
+     partial(claim_anomaly_order_every_digit, metric="anomaly_auc_signed_score")),
     ("The anomaly order is stable across latent sizes (held-out 1; summed BCE).", ("shallow", "stacked"),
-     several_latents, claim_anomaly_order_every_latent("anomaly_auc")),
+     several_latents, partial(claim_anomaly_order_every_latent, metric="anomaly_auc")),
     ("The anomaly order is stable across latent sizes (held-out 1; signed score).", ("shallow", "stacked"),
-     several_latents, claim_anomaly_order_every_latent("anomaly_auc_signed_score")),
+     several_latents, partial(claim_anomaly_order_every_latent, metric="anomaly_auc_signed_score")),
     (f"PCA is a good first try for anomaly detection: within {CLEAR_MARGIN} of the best contestant "
-     "(summed BCE).", ("shallow",), None, claim_pca_first_try("anomaly_auc")),
+     "(summed BCE).", ("shallow",), None, partial(claim_pca_first_try, metric="anomaly_auc")),
     (f"PCA is a good first try for anomaly detection: within {CLEAR_MARGIN} of the best contestant "
-     "(signed score).", ("shallow",), None, claim_pca_first_try("anomaly_auc_signed_score")),
+     "(signed score).", ("shallow",), None,
+     partial(claim_pca_first_try, metric="anomaly_auc_signed_score")),
     (f"(ours) The signed score mostly measures ink: |rank correlation| >= {INK_STRONG} for most "
      "contestants.", (), None, claim_signed_score_is_ink),
     ("(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them "
-     "(converged probe).", (), None, claim_beat_pixels("probe_accuracy")),
+     "(converged probe).", (), None, partial(claim_beat_pixels, metric="probe_accuracy")),
     ("(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them "
-     "(the article's probe).", (), None, claim_beat_pixels("probe_accuracy_articles_probe")),
+     "(the article's probe).", (), None,
+     partial(claim_beat_pixels, metric="probe_accuracy_articles_probe")),
     ("The strict beta-VAE gives the most meaningful samples (own priors: the four generative "
-     "contestants).", ARTICLE_GENERATIVE, None, claim_strict_most_legible("")),
+     "contestants).", ARTICLE_GENERATIVE, None, partial(claim_strict_most_legible, suffix="")),
     ("The strict beta-VAE gives the most meaningful samples (ex-post mixture: all contestants).",
-     ARTICLE_GENERATIVE, None, claim_strict_most_legible("_gmm")),
+     ARTICLE_GENERATIVE, None, partial(claim_strict_most_legible, suffix="_gmm")),
     ("The loose beta-VAE's samples are more diverse but less legible than the strict one's.",
      ("beta_vae_strict", "beta_vae_loose"), None, claim_loose_diverse_less_legible),
     ("vq-VAE samples (uniform codes) do not resemble digits.", ARTICLE_GENERATIVE, None,
      claim_vq_samples_worst),
     ("vq-VAE samples need a learned prior: a learned categorical prior beats uniform codes (more "
-     "legible, lower FD).", ("vq",), None, claim_vq_needs_learned_prior("_categorical")),
+     "legible, lower FD).", ("vq",), None, partial(claim_vq_needs_learned_prior, suffix="_categorical")),
     ("vq-VAE samples need a learned prior: an ex-post mixture on the codes beats uniform codes.",
-     ("vq",), None, claim_vq_needs_learned_prior("_gmm")),
+     ("vq",), None, partial(claim_vq_needs_learned_prior, suffix="_gmm")),
     ("vq-VAE samples need a learned prior: a mixture before the quantiser beats uniform codes.",
-     ("vq",), None, claim_vq_needs_learned_prior("_gmm_prequant")),
+     ("vq",), None, partial(claim_vq_needs_learned_prior, suffix="_gmm_prequant")),
     ("Only the VAEs can sample: no deterministic model with an ex-post mixture is as legible as the "
      "VAEs' own prior (their mean).", ("vanilla",) + ARTICLE_VAES, None, claim_only_vaes_sample),
     (f"VAE interpolations stay digit-like; the others fade (VAEs lead the judge's confidence by "
