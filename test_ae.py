@@ -3689,6 +3689,53 @@ def test_audit_evidence_has_the_digits_its_verdict_needs():
     assert holds and "x1.249" in evidence                   # not "x1.25" beside "within x1.25"
 
 
+def _synthetic_results(n_seeds=3, digits=(1, 3)):
+    """A results.json as run.py writes it, from n seeds of _claims_seed (each seed a little apart)."""
+    base = _claims_seed()
+    base["reconstruction_bce"]["pca"] = 100.0                       # the references, as a run has them
+    base["anomaly_auc"]["ink"] = base["anomaly_auc_signed_score"]["ink"] = 0.9
+    for d in digits:        # the per-digit metrics the sweep's tables read beside the AUROCs
+        for metric in ("anomaly_auprc", "anomaly_ink_spearman", "anomaly_ink_spearman_signed_score"):
+            base[f"{metric}_digit_{d}"] = {n: 0.5 for n in base[f"anomaly_auc_digit_{d}"]}
+    seeds = [{metric: {n: v + 0.001 * i for n, v in by_model.items()} for metric, by_model in base.items()}
+             for i in range(n_seeds)]
+    names = list(ae.MODELS)
+    cfg = {"dataset": "mnist", "models": names, "seeds": [run.FIRST_SEED + i for i in range(n_seeds)],
+           "epochs": run.EPOCHS, "quick": False, "anomaly_digits": list(digits), "anomaly_latents": [2, 20],
+           "probe_labels": 550, "command": "python run.py", "device": None, "jobs": None}
+    env = {"cpu": "a CPU", "gpu": None, "device": "cpu", "jobs": 2, "threads_per_job": 1}
+    trainings = [{"training": f"{n} z=20", "checkpoint": f"{n}.pt", "reused": False, "seconds": 10.0, "threads": 1}
+                 for n in names]
+    return {"config": cfg, "environment": env, "stages_seconds": {"total": 60.0}, "trainings": trainings,
+            "finished": "2026-12-01T00:00:00", "metrics": run.summarise(seeds)}
+
+
+def test_report_renders_every_section_from_results_alone(tmp_path):
+    # fast: the report of a synthetic three-seed run, every section and every row
+    results = _synthetic_results()
+    path = report.write_report(results, str(tmp_path))
+    text = open(path).read()
+    sections = [line for line in text.splitlines() if line.startswith("## ")]
+    assert sections == ["## Summary", "## Reconstruction", "## Training time", "## Samples", "## Interpolation",
+                        "## Latent structure", "## Classification", "## Anomaly detection",
+                        "## The article's numbers against our seed spread", "## Audit of the article's conclusions",
+                        "## Settings and environment"]
+    summary = text[text.index("## Summary"):text.index("## Reconstruction")]
+    rows = [line.split(" | ")[0].lstrip("| ") for line in summary.splitlines()[4:] if line.startswith("|")]
+    assert rows == list(ae.MODELS) + ["*pca (reference)*", "*pixels (reference)*", "*ink (reference)*"]
+    # mean ± std over the seeds: shallow's BCE 120, 120.001, 120.002
+    assert "| shallow | 120.00 ± 0.00 |" in summary and "holds in 3 of 3 seeds" in text
+    # the article's numbers: 63.92 lies outside 60.001 ± 2 x 0.001, and the cell says so
+    assert "| vanilla | 60.00 ± 0.00 | 63.92 | -3.92 (-6%) | **no** |" in text
+    audit = text[text.index("## Audit"):text.index("## Settings")]
+    assert sum(audit.count(f"| {v} |") for v in ("confirmed", "not confirmed", "depends", "not run")) == len(report.CLAIMS)
+    assert "| not confirmed |" not in audit and "| not run |" not in audit      # every claim holds in this run
+    one = _synthetic_results(n_seeds=1, digits=(1,))
+    text1 = open(report.write_report(one, str(tmp_path))).read()
+    assert "one run:" in text1 and "holds in" not in text1 and "| not run | one held-out digit" in text1
+    assert "± " not in text1[text1.index("## Summary"):text1.index("## Reconstruction")]   # one run: no spread
+
+
 def test_report_settings_tell_requested_from_used():
     results = {"config": {"device": None, "jobs": None, "epochs": 3},
                "environment": {"device": "cpu", "jobs": 2, "torch": "2"}, "stages_seconds": {"total": 5.0}}
