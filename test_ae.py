@@ -1898,7 +1898,8 @@ def test_sample_claims_rank_only_the_contestants():
     assert _verdict(rows, "The strict beta-VAE gives the most meaningful samples (ex-post") == "not confirmed"
 
 
-@pytest.mark.parametrize("best_deterministic, expected", [(0.52, "not confirmed"), (0.50, "confirmed")])
+@pytest.mark.parametrize("best_deterministic, expected", [(0.52, "not confirmed"), (0.50, "confirmed"),
+                                                           ((0.4 + 0.7 + 0.44) / 3, "not confirmed")])   # a tie
 def test_claim_only_vaes_sample_against_the_vaes_mean_legibility(best_deterministic, expected):
     names = list(ae.MODELS)
     own = {"vae": 0.4, "beta_vae_strict": 0.7, "beta_vae_loose": 0.44, "vq": 0.2}     # VAEs' mean 0.513
@@ -2355,6 +2356,19 @@ def test_claim_pca_first_try_margin_both_sides():
                          "contestant (summed BCE)")[0] is holds
 
 
+def test_claim_pca_first_try_over_two_digits_uses_their_mean():
+    # with a sweep (here two digits) the claim judges the mean over the digits, not digit 1 alone
+    claim = "PCA is a good first try for anomaly detection: within 0.02 of the best contestant (summed BCE)"
+    base = {n: 0.5 for n in ae.MODELS}
+    s = {"anomaly_auc": {**base, "vq": 0.9, "pca": 0.9},                          # digit 1: pca level
+         "anomaly_auc_digit_1": {**base, "vq": 0.9, "pca": 0.9},
+         "anomaly_auc_digit_3": {**base, "vq": 0.9, "pca": 0.7}}                  # digit 3: far behind
+    holds, evidence = _claim(s, claim, digits=[1, 3])
+    assert holds is False and evidence == ("pca 0.800, shallow 0.500, best vq 0.900 "
+                                           "(means over 2 digits; pca close to the best for 1)")
+    assert _claim(s, claim, digits=[1]) == (True, "pca 0.900, shallow 0.500, best vq 0.900")
+
+
 def test_claim_signed_score_is_ink_threshold_and_majority():
     names = list(ae.MODELS)
     for n_strong, rho, holds in [(5, report.INK_STRONG, True), (4, report.INK_STRONG, False),
@@ -2362,6 +2376,9 @@ def test_claim_signed_score_is_ink_threshold_and_majority():
         s = {"anomaly_ink_spearman_signed_score": {n: (rho if i < n_strong else 0.1)
                                                    for i, n in enumerate(names)}}
         assert _claim(s, "(ours) The signed score mostly measures ink")[0] is holds
+    # "most" of an even number: half is not most
+    s = {"anomaly_ink_spearman_signed_score": {n: (0.9 if i < 4 else 0.1) for i, n in enumerate(names[:8])}}
+    assert _claim(s, "(ours) The signed score mostly measures ink", names=names[:8])[0] is False
 
 
 def test_claim_anomaly_order_every_digit_needs_all_of_them():
@@ -2396,6 +2413,11 @@ def test_claim_beat_pixels_majority_both_sides():
                                 "pixels": 0.85}}
         assert _claim(s, "(ours) Autoencoder features beat raw pixels with 550 labels: most "
                          "contestants above them (converged probe)")[0] is holds
+    claim = "(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them (converged"
+    tie = {"probe_accuracy": {**{n: 0.85 if i < 5 else 0.8 for i, n in enumerate(names)}, "pixels": 0.85}}
+    assert _claim(tie, claim)[0] is False                                  # level with the pixels is not above
+    half = {"probe_accuracy": {**{n: 0.9 if i < 4 else 0.8 for i, n in enumerate(names[:8])}, "pixels": 0.85}}
+    assert _claim(half, claim, names=names[:8])[0] is False                # 4 of 8 is not most
 
 
 @pytest.mark.slow
@@ -3104,6 +3126,7 @@ CLAIM_CASES = [
     ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 60.5}), True),
     ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 59.5}), False),
     ("The VAEs reconstruct worse", ("reconstruction_bce", {"vae": 81.0}), False),
+    ("The VAEs reconstruct worse", ("reconstruction_bce", {"beta_vae_loose": 60.0}), False),   # a tie is not worse
     ("Denoising features classify best (the article", ("probe_accuracy_articles_probe", {"vanilla": 0.79}), True),
     ("Denoising features classify best (the article", ("probe_accuracy_articles_probe", {"vanilla": 0.81}), False),
     ("Denoising features classify best (converged", ("probe_accuracy", {"vanilla": 0.89}), True),
@@ -3116,6 +3139,9 @@ CLAIM_CASES = [
      ("probe_accuracy", {"sparse": 0.84}), True),                           # the median is 0.845
     ("Sparse features are not suited for classification: below the others' median",
      ("probe_accuracy", {"sparse": 0.848}), False),                         # the mean is 0.85
+    ("Sparse features are not suited for classification: below the others' median",
+     ("probe_accuracy", {"sparse": float(np.median([0.90, 0.88, 0.87, 0.85, 0.84, 0.83, 0.82, 0.81]))}),
+     False),                                                                  # level with it is not below
     ("Nearly all autoencoders", ("probe_accuracy_articles_probe", {"shallow": 0.43}), True),   # one below
     ("Nearly all autoencoders", ("probe_accuracy_articles_probe", {"shallow": 0.43, "vae": 0.43}), False),
     ("Nearly all autoencoders", ("probe_accuracy_articles_probe", {"shallow": 0.44}), True),   # a tie: below
@@ -3699,6 +3725,7 @@ def _synthetic_results(n_seeds=3, digits=(1, 3)):
             base[f"{metric}_digit_{d}"] = {n: 0.5 for n in base[f"anomaly_auc_digit_{d}"]}
     seeds = [{metric: {n: v + 0.001 * i for n, v in by_model.items()} for metric, by_model in base.items()}
              for i in range(n_seeds)]
+    seeds[0]["umap_trustworthiness"] = {n: 0.9 for n in ae.MODELS}     # the maps: first seed only
     names = list(ae.MODELS)
     cfg = {"dataset": "mnist", "models": names, "seeds": [run.FIRST_SEED + i for i in range(n_seeds)],
            "epochs": run.EPOCHS, "quick": False, "anomaly_digits": list(digits), "anomaly_latents": [2, 20],
@@ -3725,6 +3752,7 @@ def test_report_renders_every_section_from_results_alone(tmp_path):
     assert rows == list(ae.MODELS) + ["*pca (reference)*", "*pixels (reference)*", "*ink (reference)*"]
     # mean ± std over the seeds: shallow's BCE 120, 120.001, 120.002
     assert "| shallow | 120.00 ± 0.00 |" in summary and "holds in 3 of 3 seeds" in text
+    assert "holds in 3 of 3 seeds; 42: worst shallow 120.0 / 43: worst shallow 120.0 / 44: worst shallow 120.0 |" in text
     # the article's numbers: 63.92 lies outside 60.001 ± 2 x 0.001, and the cell says so
     assert "| vanilla | 60.00 ± 0.00 | 63.92 | -3.92 (-6%) | **no** |" in text
     audit = text[text.index("## Audit"):text.index("## Settings")]
