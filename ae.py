@@ -494,8 +494,9 @@ def build(name, latent_dim=20):
     if not isinstance(latent_dim, int) or latent_dim < 1 or c.bottleneck.h_per_z * latent_dim > INPUT_DIM:
         raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // c.bottleneck.h_per_z}, "
                          f"got {latent_dim!r}")
+    h_width = c.bottleneck.h_per_z * latent_dim  # H
     # the networks before the bottleneck: the seed's draws keep the order they always had
-    encoder, decoder = c.model.networks(latent_dim, c.bottleneck.h_per_z * latent_dim)
+    encoder, decoder = c.model.networks(latent_dim, h_width)
     bottleneck = c.bottleneck(latent_dim, **c.weights)
     return c.model(name, latent_dim, encoder, bottleneck, decoder, c.noise_std)
 
