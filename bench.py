@@ -69,6 +69,7 @@ import mnist
 import run
 import tasks
 import umap_lite
+import workers
 
 # ---- constants
 
@@ -256,7 +257,7 @@ def bench_train(args, device):
 
 
 def bench_jobs(args, device):
-    cores = run.plan_jobs(None, 10**6, device)[0]
+    cores = workers.plan_jobs(None, 10**6, device)[0]
     n = max(2, cores)
     argv = ["--models", "vanilla", "--seeds", str(n), "--epochs", str(JOBS_EPOCHS), "--no-download"]
     argv += ["--data-dir", args.data_dir or os.path.join("data", "mnist")]

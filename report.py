@@ -33,8 +33,9 @@ import numpy as np
 
 import mnist
 import tasks
+import workers
 from run import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FIRST_SEED, LABEL_BUDGETS, LATENT_ANOMALY,
-                 N_GENERATED, N_SHOWN, PIXELS, QUICK, SAMPLERS, _hms)
+                 N_GENERATED, N_SHOWN, PIXELS, QUICK, SAMPLERS)
 
 # ---- constants
 
@@ -392,9 +393,9 @@ def report_header(results, article):
                      "Differences from the published numbers are expected.\n")
     n_seeds, reused = len(cfg["seeds"]), sum(t["reused"] for t in trained)
     lines.append(
-        f"`{cfg['command']}` finished {results['finished']} in {_hms(results['stages_seconds']['total'])} "
+        f"`{cfg['command']}` finished {results['finished']} in {workers.hms(results['stages_seconds']['total'])} "
         f"on {env['gpu'] or env['cpu']} ({env['device']}); its {len(trained)} trainings took "
-        f"{_hms(sum(t['seconds'] for t in trained))} of training time in all. "
+        f"{workers.hms(sum(t['seconds'] for t in trained))} of training time in all. "
         + (f"{reused} of them were reused from checkpoints of an earlier run with the same settings. "
            if reused else "")
         + (f"This run trained {len(trained) - reused}, {env['jobs']} at a time with "

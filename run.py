@@ -14,36 +14,31 @@ the same settings, so an interrupted run continues where it stopped.
 The recipe, as `main` follows it (PROTOCOL.md has every detail):
     1. load the data and split it as the companion code did
     2. train every contestant at latent 20 (all tasks) and at latent 2 without the anomaly class
-       (anomaly detection), 60 epochs each, several trainings at once in worker processes
+       (anomaly detection), 60 epochs each, several trainings at once in worker processes (workers.py)
     3. per seed, run the gauntlet: reconstruction, classification, anomaly detection, samples and
        interpolation, latent structure, and the three baselines
     4. summarise over seeds (mean, std, the runs) and write results.json
     5. report.py audits the article's claims seed by seed and writes REPORT.md beside it
 
-Simplified: one output folder serves one run at a time; workers are plain processes fed from a
-queue (no scheduler).
+Simplified: one output folder serves one run at a time.
 
 First read: `main`, then the task functions (`task_*`, in the order `run_gauntlet` calls them).
-Skip the command-line checks, the worker processes, the status line and the signal handling.
+Skip the command-line checks, the checkpoint bookkeeping and the signal handling.
 """
 
 import argparse
 import datetime
+import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import pathlib
 import platform
-import queue
-import shutil
 import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import traceback
 import warnings
 
 import numpy as np
@@ -53,6 +48,7 @@ import ae
 import mnist
 import tasks
 import umap_lite
+import workers
 
 
 # ---- constants
@@ -76,17 +72,10 @@ N_SHOWN = 16                    # images per reconstruction row and per sample g
 JUDGE_EPOCHS = 5
 QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
          "judge_epochs": 1, "budget_draws": 1}
-# Per-image training cost ~ parameters + this: the part that does not grow with the model (Python,
-# BatchNorm, Adam's bookkeeping). Measured on CPU: shallow (42k params) runs 3x faster than
-# vanilla (783k), not 18x.
-ETA_OVERHEAD_PARAMS = 300_000
-WATCH_PARENT_S = 0.5            # how often a worker checks that run.py is still there
 # The tasks run on one torch thread: their small steps (the article's probe trains on batches of
 # 32) gain little from a second one, and where anything else runs, threads that wait for each
-# other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: plan_jobs.
+# other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: workers.plan_jobs.
 TASK_THREADS = 1
-STOP_S = 2                      # a worker gets this long to leave after SIGTERM, then SIGKILL
-LINE_WIDTH = 80                 # the status line never grows wider than a classic terminal
 # the settings a report stands for: a report made with others is not replaced without --replace
 REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "anomaly_digits",
                    "anomaly_latents", "quick")
@@ -277,7 +266,7 @@ def training_jobs(args, data, out_dir):
                 jobs.append({"settings": settings, "idx": idx, "label": label,
                              "path": os.path.join(out_dir, "checkpoints", f"{name}-z{latent}-s{seed}"
                                                   f"{'' if digit is None else f'-no{digit}'}-{key}.pt"),
-                             "work": args.epochs * len(idx) * (n_params + ETA_OVERHEAD_PARAMS)})
+                             "work": args.epochs * len(idx) * (n_params + workers.ETA_OVERHEAD_PARAMS)})
     return jobs
 
 
@@ -297,15 +286,20 @@ def train_all(jobs, data, args, device):
         if job["reused"]:
             print(f"{job['label']} | reused checkpoint", flush=True)
     todo = [job for job in jobs if not job["reused"]]
-    n_jobs, threads = plan_jobs(args.jobs, len(todo), device)
-    progress = Progress(todo)
+    n_jobs, threads = workers.plan_jobs(args.jobs, len(todo), device)
+    progress = workers.Progress(todo)
     if n_jobs == 1:
         for job in todo:
             _train_or_exit(job, data, device, progress)
     else:
         print(f"training {len(todo)} models, {n_jobs} at a time, {threads} thread(s) each", flush=True)
-        train_in_workers(todo, args, device, n_jobs, threads, progress)
-    STATUS.end()
+        try:    # each worker loads the data itself: spawned processes share nothing
+            workers.train_in_workers(todo, functools.partial(load_data, args), train_one, device,
+                                     n_jobs, threads, progress)
+        except workers.TrainingFailed as err:
+            workers.STATUS.end()
+            sys.exit(f"run.py: error: {err}")
+    workers.STATUS.end()
     trained = {_key(job): ae.load(job["path"], device=device) for job in jobs}
     return trained, {"jobs": n_jobs, "threads_per_job": threads}
 
@@ -325,85 +319,11 @@ def train_one(job, data, device, progress=None):
                                       "threads": torch.get_num_threads()})
 
 
-def plan_jobs(requested, n_left, device):
-    """(trainings at once, torch threads each): by default one training per core.
-
-    Small MLPs scale badly across threads, so N one-thread trainings beat one N-thread training.
-    On MPS, one job (the device does not share across processes).
-    """
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    n_jobs = 1 if device.type == "mps" else requested or cores
-    n_jobs = max(1, min(n_jobs, n_left))
-    return n_jobs, (torch.get_num_threads() if n_jobs == 1 else max(1, cores // n_jobs))
-
-
-class Progress:
-    """One status line for the whole run: trainings done, those in flight, and an ETA.
-
-    Each training weighs epochs x images x (parameters + ETA_OVERHEAD_PARAMS); the ETA divides the
-    work left by the work done per second of wall time, so parallel jobs are accounted for.
-    """
-
-    def __init__(self, jobs):
-        self.work = {job["label"]: job["work"] for job in jobs}
-        self.flying, self.done_work, self.n_done = {}, 0.0, 0
-        self.start = time.perf_counter()
-
-    def epoch(self, label, info):
-        self.flying[label] = info
-        self.show(log=info["epoch"] % 10 == 0)      # a log file gets every 10th epoch
-
-    def finished(self, label):
-        self.flying.pop(label, None)
-        self.done_work += self.work[label]
-        self.n_done += 1
-        self.show()
-
-    def show(self, log=True):
-        done = self.done_work + sum(self.work[label] * info["epoch"] / info["epochs"]
-                                    for label, info in self.flying.items())
-        elapsed = time.perf_counter() - self.start
-        eta = _hms(elapsed / done * (sum(self.work.values()) - done)) if done else "?"
-        flying = "; ".join(f"{label} {info['epoch']}/{info['epochs']} val {info['val_loss']:.1f}"
-                           for label, info in self.flying.items())
-        STATUS.show(f"{self.n_done}/{len(self.work)} trained | {flying or '-'}", f" | ETA {eta}", log)
-
-
-class StatusLine:
-    """The one line of status run.py keeps: on a terminal it is rewritten in place, never wider
-    than LINE_WIDTH (or the terminal), and ended before anything else prints; a log file gets
-    whole lines instead."""
-
-    def __init__(self):
-        self.shown = 0              # length of the line now open on the terminal (0: none)
-        self.task = ""              # the task under way, for _Announced
-
-    def show(self, text, tail="", log=True):
-        width = min(LINE_WIDTH, shutil.get_terminal_size().columns) - 1   # the last column wraps
-        if len(text) + len(tail) > width:
-            text = text[:max(0, width - len(tail) - 1)] + "~"
-        line = text + tail
-        if sys.stdout.isatty():
-            print("\r" + line.ljust(self.shown), end="", flush=True)
-            self.shown = len(line)
-        elif log:
-            print(line, flush=True)
-
-    def end(self):
-        """End the open line, so that the next output starts on a line of its own."""
-        if self.shown:
-            print(flush=True)
-            self.shown = 0
-
-
-STATUS = StatusLine()
-
-
 def _train_or_exit(job, data, device, progress):
     try:
         train_one(job, data, device, lambda info: progress.epoch(job["label"], info))
-    except (FloatingPointError, ValueError, OSError) as err:
-        STATUS.end()
+    except workers.EXPECTED as err:
+        workers.STATUS.end()
         sys.exit(f"run.py: error: {job['label']}: {err}")
     progress.finished(job["label"])
 
@@ -423,122 +343,6 @@ def _key(job):
 
 def seeds_of(args):
     return [FIRST_SEED + i for i in range(args.seeds)]
-
-
-# ---- training in worker processes
-
-def train_in_workers(todo, args, device, n_jobs, threads, progress):
-    """Train `todo` in n_jobs processes; each loads the data itself and takes jobs from a queue.
-
-    Workers report epochs, completions and failures on a second queue. A failure stops the run
-    with its one-line message. However run.py ends (done, failure, Ctrl-C, SIGTERM), the workers
-    get SIGTERM, on which they delete a half-written checkpoint and leave, and whatever is still
-    queued is dropped, not flushed into a pipe nobody reads. If run.py itself is killed, the
-    workers notice that their parent is gone and leave too.
-    """
-    ctx = multiprocessing.get_context("spawn")   # fork is unsafe with torch's thread pools and CUDA
-    jobs_q, events = ctx.Queue(), ctx.Queue()
-    for job in todo:
-        jobs_q.put({k: job[k] for k in ("settings", "idx", "label", "path")})
-    for _ in range(n_jobs):
-        jobs_q.put(None)                         # one stop sign per worker
-    workers = [ctx.Process(target=_worker, args=(args, str(device), threads, jobs_q, events,
-                                                 os.getpid()), daemon=True) for _ in range(n_jobs)]
-    # a worker is born with Ctrl-C and SIGTERM blocked (the mask survives exec), so a signal
-    # during its start-up is held until _worker has its handlers; run.py gets its own at once after
-    stop = {signal.SIGINT, signal.SIGTERM}
-    try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, stop)
-        try:
-            for w in workers:
-                w.start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, stop)
-        n_done = 0
-        while n_done < len(todo):
-            kind, label, payload = _next_event(events, workers)
-            if kind == "epoch":
-                progress.epoch(label, payload)
-            elif kind == "done":
-                n_done += 1
-                progress.finished(label)
-            else:
-                STATUS.end()
-                sys.exit(f"run.py: error: {label}: {payload}")
-    finally:
-        _stop_workers(workers, jobs_q)
-
-
-def _stop_workers(workers, jobs_q):
-    """SIGTERM every worker, SIGKILL those still there after STOP_S; drop the unsent jobs."""
-    jobs_q.cancel_join_thread()     # else exit waits to push them into a pipe nobody reads
-    workers = [w for w in workers if w.pid is not None]   # started ones only
-    for w in workers:
-        w.terminate()
-    deadline = time.time() + STOP_S
-    for w in workers:
-        w.join(max(0.0, deadline - time.time()))
-        if w.exitcode is None:      # still starting up (signals held) or stuck in a torch call
-            w.kill()
-            w.join()
-
-
-def _next_event(events, workers):
-    """The next (kind, label, payload) from the workers; an error event if one of them died."""
-    while True:
-        try:
-            return events.get(timeout=1)
-        except queue.Empty:
-            dead = [w for w in workers if w.exitcode not in (None, 0)]
-            if dead:
-                return "error", "worker", f"a training process stopped (exit code {dead[0].exitcode})"
-            if all(w.exitcode is not None for w in workers):
-                return "error", "worker", "the training processes ended before every training was done"
-
-
-class _Stop(BaseException):
-    """SIGTERM in a worker: unwinds the training, so that ae.save deletes a half-written file."""
-
-
-def _worker(args, device, threads, jobs_q, events, parent):
-    """A training process: takes jobs until a stop sign, reports every epoch to run.py."""
-    def stop(signum, frame):
-        raise _Stop
-
-    signal.signal(signal.SIGINT, signal.SIG_IGN)   # Ctrl-C reaches every process; run.py decides
-    signal.signal(signal.SIGTERM, stop)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
-    _exit_with_parent(parent)
-    try:
-        torch.set_num_threads(threads)
-        data = load_data(args)
-        for job in iter(jobs_q.get, None):
-            report = lambda info, label=job["label"]: events.put(("epoch", label, info))
-            try:
-                train_one(job, data, torch.device(device), report)
-            except (FloatingPointError, ValueError, OSError) as err:   # OSError: disk full, say
-                events.put(("error", job["label"], str(err)))
-                break
-            except Exception:
-                events.put(("error", job["label"], traceback.format_exc()))
-                break
-            events.put(("done", job["label"], None))
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)   # nothing left to save: SIGTERM may cut the teardown
-    except _Stop:
-        # unwound; now leave at once: no flush of events run.py no longer reads, and none of the
-        # interpreter's teardown, which takes seconds on a busy machine
-        os._exit(128 + signal.SIGTERM)
-
-
-def _exit_with_parent(parent):
-    """End this process as soon as run.py (pid `parent`) is gone: even SIGKILL of run.py stops
-    the workers, also one that was still starting when run.py died."""
-    def watch():
-        while os.getppid() == parent:
-            time.sleep(WATCH_PARENT_S)
-        os._exit(1)
-
-    threading.Thread(target=watch, daemon=True).start()
 
 
 # ---- the gauntlet: one function per task, each over every model of one seed
@@ -561,13 +365,13 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
              ("latent", lambda: task_latent_structure(models, anomaly[LATENT_ANOMALY, ANOMALY_DIGIT], data, seed,
                                                       args.quick, out_dir if first else None))]
     for step, task in steps:
-        t, STATUS.task = time.time(), f"seed {seed}: {step}"
-        STATUS.show(f"{STATUS.task} ...")
+        t, workers.STATUS.task = time.time(), f"seed {seed}: {step}"
+        workers.STATUS.show(f"{workers.STATUS.task} ...")
         metrics, figs[step] = task()
         for metric, by_model in metrics.items():      # the pixels join the contestants' metrics
             m.setdefault(metric, {}).update(by_model)
-        STATUS.show(f"{STATUS.task} ({time.time() - t:.0f} s)")
-        STATUS.end()
+        workers.STATUS.show(f"{workers.STATUS.task} ({time.time() - t:.0f} s)")
+        workers.STATUS.end()
     return m, figs
 
 
@@ -576,7 +380,7 @@ class _Announced(dict):
 
     def items(self):
         for i, (name, model) in enumerate(super().items(), 1):
-            STATUS.show(f"{STATUS.task}: {name} ({i}/{len(self)})", log=False)
+            workers.STATUS.show(f"{workers.STATUS.task}: {name} ({i}/{len(self)})", log=False)
             yield name, model
 
 
@@ -896,9 +700,9 @@ def main(argv=None):
     stages["training"] = time.time() - t
     torch.set_num_threads(TASK_THREADS)
     t = time.time()
-    STATUS.show("judge (the digit classifier that scores samples) ...")
+    workers.STATUS.show("judge (the digit classifier that scores samples) ...")
     judge = get_judge(data, args, device, out_dir)
-    STATUS.end()
+    workers.STATUS.end()
     import report       # here, not at the top: report.py reads this file's constants
     per_seed = []
     for i, seed in enumerate(seeds_of(args)):
@@ -919,7 +723,7 @@ def main(argv=None):
     tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(results, indent=1)))
     report_path = report.write_report(results, out_dir)
     report.remove_stale_figures(out_dir, t_start)
-    print(f"done in {_hms(stages['total'])}: {report_path} (results: {path})")
+    print(f"done in {workers.hms(stages['total'])}: {report_path} (results: {path})")
     return results
 
 
@@ -966,12 +770,6 @@ def environment(device):
             "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
 
 
-def _hms(seconds):
-    seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
-
-
-
 # ---- the command line's entry point: Ctrl-C and SIGTERM end the run cleanly
 
 class Interrupted(KeyboardInterrupt):
@@ -992,7 +790,7 @@ def cli():
         main()
     except KeyboardInterrupt as err:
         signum = err.args[0] if isinstance(err, Interrupted) else signal.SIGINT
-        STATUS.end()
+        workers.STATUS.end()
         print("interrupted: finished trainings are saved; run the same command to continue",
               file=sys.stderr)
         sys.exit(128 + signum)

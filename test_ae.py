@@ -38,6 +38,7 @@ import report
 import run
 import tasks
 import umap_lite
+import workers
 
 
 # ================================================================================================
@@ -3403,11 +3404,11 @@ def test_pick_device_prefers_cuda_then_mps_then_cpu(monkeypatch, capsys):
 def test_plan_jobs_one_per_core_by_default(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
     cpu = torch.device("cpu")
-    assert run.plan_jobs(None, 18, cpu) == (8, 1)
-    assert run.plan_jobs(None, 3, cpu) == (3, 2)      # fewer trainings left than cores
-    assert run.plan_jobs(4, 18, cpu) == (4, 2)
-    assert run.plan_jobs(1, 18, cpu)[0] == 1
-    assert run.plan_jobs(None, 18, torch.device("mps"))[0] == 1
+    assert workers.plan_jobs(None, 18, cpu) == (8, 1)
+    assert workers.plan_jobs(None, 3, cpu) == (3, 2)      # fewer trainings left than cores
+    assert workers.plan_jobs(4, 18, cpu) == (4, 2)
+    assert workers.plan_jobs(1, 18, cpu)[0] == 1
+    assert workers.plan_jobs(None, 18, torch.device("mps"))[0] == 1
 
 
 @contextlib.contextmanager
@@ -3649,8 +3650,8 @@ def _status_on(monkeypatch, stdout, columns=200):
     import shutil
     monkeypatch.setattr(shutil, "get_terminal_size", lambda *a, **k: os.terminal_size((columns, 24)))
     monkeypatch.setattr(sys, "stdout", stdout)
-    monkeypatch.setattr(run, "STATUS", run.StatusLine())
-    return run.STATUS
+    monkeypatch.setattr(workers, "STATUS", workers.StatusLine())
+    return workers.STATUS
 
 
 def test_status_line_fits_80_columns_keeps_the_eta_and_ends_its_line(monkeypatch):
@@ -3661,7 +3662,7 @@ def test_status_line_fits_80_columns_keeps_the_eta_and_ends_its_line(monkeypatch
     status.show("y" * 80)
     assert out.getvalue().split("\r")[-1] == "y" * 78 + "~"  # 80 do not
     jobs = [{"label": f"beta_vae_strict z=2 seed {s} w/o 7", "work": 1.0} for s in (42, 43, 44)]
-    progress = run.Progress(jobs)
+    progress = workers.Progress(jobs)
     for job in jobs:
         progress.epoch(job["label"], {"epoch": 3, "epochs": 60, "val_loss": 123.456})
     last = out.getvalue().split("\r")[-1]
