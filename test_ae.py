@@ -931,13 +931,18 @@ def test_model_save_load_round_trip(tmp_path, name):
 
 def test_model_save_in_progress_is_never_listed_as_a_checkpoint(tmp_path, monkeypatch):
     # a run (or a test) waiting for "*.pt" must not see a save that is still being written
-    seen, real_save = [], torch.save
+    # the half-written file is hidden and sits in the checkpoint's own folder (one file system,
+    # so the final rename is atomic), and no temporary file is left behind
+    seen, during, real_save = [], [], torch.save
     def spy(obj, f):
         seen.append(sorted(p.name for p in tmp_path.glob("*.pt")))
+        during.append(sorted(p.name for p in tmp_path.iterdir()))
         real_save(obj, f)
     monkeypatch.setattr(torch, "save", spy)
     ae.save(ae.build("shallow", 2), tmp_path / "m.pt")
     assert seen == [[]] and [p.name for p in tmp_path.glob("*.pt")] == ["m.pt"]
+    assert len(during) == 1 and len(during[0]) == 1 and during[0][0].startswith(".")
+    assert [p.name for p in tmp_path.iterdir()] == ["m.pt"]
 
 
 def test_model_save_rejects_non_plain_meta_and_load_reports_missing(tmp_path):
@@ -949,6 +954,14 @@ def test_model_save_rejects_non_plain_meta_and_load_reports_missing(tmp_path):
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="not a checkpoint"):
         ae.load(tmp_path / "junk.pt")
+
+
+def test_fit_progress_line_reads_the_time_so_far_and_the_time_left(capsys):
+    # epoch 2 of 6 after 130 s: 65 s an epoch, 4 epochs = 260 s left
+    ae.print_progress({"epoch": 2, "epochs": 6, "seconds": 130.0, "train_loss": 70.123,
+                       "val_loss": 71.5, "samples_per_s": 12345.6})
+    assert capsys.readouterr().out == (" epoch 2/6 train 70.12 val 71.50 12,346 samples/s "
+                                       "2m10s ETA 4m20s\n")
 
 
 def test_model_pick_device(capsys):
@@ -2242,6 +2255,38 @@ def test_pca_samples_from_the_code_variances_and_checkpoints_round_trip(tmp_path
     loaded, _ = ae.load(tmp_path / "pca.pt")
     assert np.array_equal(tasks.reconstruct(loaded, x), tasks.reconstruct(model, x))
     assert not any(p.requires_grad for p in loaded.parameters())       # nothing for Adam to move
+
+
+def test_pca_fit_reports_its_one_epoch_like_the_training_loop():
+    # run.py's status line reads epoch / epochs of every report, pca's included
+    x, reports, loop = _low_rank_pixels(), [], []
+    ae.fit(ae.build("pca", 3), x, x[:50], progress=reports.append)
+    ae.fit(_build("shallow", latent_dim=2), x, x[:50], epochs=1, batch_size=50, progress=loop.append)
+    assert len(reports) == 1 and reports[0]["epoch"] == reports[0]["epochs"] == 1
+    assert reports[0].keys() == loop[0].keys()
+
+
+def test_every_generative_model_samples_on_the_device_of_its_weights():
+    # "meta" tensors have a device but no data: the device flow is checked without a GPU
+    for name in [n for n, c in ae.CONTESTANTS.items() if c.samples]:     # pca too
+        model = ae.build(name, 2).to("meta").eval()
+        assert model.sample(3).device.type == "meta", name
+
+
+def test_load_moves_the_model_to_the_device_asked_for_and_refuses_pickled_code(tmp_path):
+    ae.save(ae.build("shallow", 2), tmp_path / "m.pt")
+    assert next(ae.load(tmp_path / "m.pt", device="meta")[0].parameters()).device.type == "meta"
+    assert next(ae.load(tmp_path / "m.pt")[0].parameters()).device.type == "cpu"
+    # a checkpoint is data: a file that would run code when unpickled is not loaded
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)
+    payload["meta"]["x"] = _Pickled()
+    torch.save(payload, tmp_path / "code.pt")
+    with pytest.raises(ValueError, match="not a checkpoint"):
+        ae.load(tmp_path / "code.pt")
+
+
+class _Pickled:
+    pass
 
 
 def test_pca_needs_more_images_than_axes():
