@@ -24,6 +24,7 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 import warnings
 
 import numpy as np
@@ -604,6 +605,7 @@ def test_toy_contestant_loss_by_hand(registered):
     assert float(parts["mmd"]) == pytest.approx(mmd, rel=1e-4)
     assert float(total) == pytest.approx(float(recon) + 3.0 * mmd, rel=1e-4)
     assert "mmd" in ae.MODELS and "mmd" in ae.GENERATIVE and "mmd" not in ae.VARIATIONAL
+    assert ae.REFERENCES == ("pca",) and "mmd" not in ae.REFERENCES     # a contestant, not a reference
 
 
 def test_toy_contractive_penalty_trains_and_evaluates_with_input_gradients(registered):
@@ -2260,9 +2262,11 @@ def test_pca_samples_from_the_code_variances_and_checkpoints_round_trip(tmp_path
 def test_pca_fit_reports_its_one_epoch_like_the_training_loop():
     # run.py's status line reads epoch / epochs of every report, pca's included
     x, reports, loop = _low_rank_pixels(), [], []
-    ae.fit(ae.build("pca", 3), x, x[:50], progress=reports.append)
+    start = time.perf_counter()
+    history = ae.fit(ae.build("pca", 3), x, x[:50], progress=reports.append)
     ae.fit(_build("shallow", latent_dim=2), x, x[:50], epochs=1, batch_size=50, progress=loop.append)
     assert len(reports) == 1 and reports[0]["epoch"] == reports[0]["epochs"] == 1
+    assert 0 < reports[0]["seconds"] <= history["seconds"] < time.perf_counter() - start
     assert reports[0].keys() == loop[0].keys()
 
 
@@ -2287,6 +2291,25 @@ def test_load_moves_the_model_to_the_device_asked_for_and_refuses_pickled_code(t
 
 class _Pickled:
     pass
+
+
+def test_pca_loss_is_the_summed_bce_per_image_like_every_contestant():
+    # fit's history (train and val loss) compares pca with the nine: the same unit, nats per image
+    x = torch.from_numpy(_low_rank_pixels())
+    model = ae.build("pca", 3)
+    ae.fit(model, x, x[:50], progress=False)
+    with torch.no_grad():
+        by_hand = np.mean([float(F.binary_cross_entropy(model(x[i:i + 1]), x[i:i + 1], reduction="sum"))
+                           for i in range(len(x))])
+    loss = ae.evaluate(model, x)
+    assert loss["loss"] == pytest.approx(by_hand, rel=1e-5) and loss["recon"] == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_fit_defaults_are_the_protocols():
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(ae.fit).parameters.items()}
+    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"]) == (run.EPOCHS, 256, 1e-3)
+    assert defaults["seed"] == run.FIRST_SEED and defaults["progress"] is True
 
 
 def test_pca_needs_more_images_than_axes():
