@@ -124,10 +124,8 @@ def roc_curve(labels, scores):
     if n_pos == 0 or n_neg == 0:
         warnings.warn(f"ROC is undefined with only one class present ({n_pos} positives, "
                       f"{n_neg} negatives)", RuntimeWarning, stacklevel=2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        # fpr = FP / N, tpr = TP / P
-        fpr = fps / n_neg if n_neg else np.full(fps.shape, np.nan)
-        tpr = tps / n_pos if n_pos else np.full(tps.shape, np.nan)
+    with np.errstate(invalid="ignore"):     # one class: its rate is 0 / 0 = NaN, warned about above
+        fpr, tpr = fps / n_neg, tps / n_pos     # fpr = FP / N, tpr = TP / P
     return fpr, tpr, np.r_[np.inf, thresholds]
 
 

@@ -1167,6 +1167,68 @@ def test_roc_auc_matches_pairwise_with_ties(seed):
     assert tasks.roc_auc(labels, scores) == pytest.approx(_pairwise_auc(labels, scores), abs=1e-12)
 
 
+@contextlib.contextmanager
+def _caught():
+    """Every warning raised inside, recorded (the calls stay in the test, so that a warning's
+    filename shows whether its stacklevel points at the caller)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield caught
+
+
+@pytest.mark.parametrize("positives", [0, 1, 2, 3])
+def test_ranking_metrics_with_one_class_warn_once_at_the_caller_and_give_nan(positives):
+    # one class only (0 or 3 of 3 positive): NaN and one RuntimeWarning that points at the caller;
+    # 1 and 2 positives are the boundary's other side: defined, silent, and as by hand
+    labels, scores = np.arange(3) < positives, np.array([0.3, 0.1, 0.2])
+    one_class = positives in (0, 3)
+    with _caught() as caught:
+        auc = tasks.roc_auc(labels, scores)
+    assert np.isnan(auc) if one_class else auc == _pairwise_auc(labels, scores)
+    assert [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)] * one_class
+    assert not one_class or "AUC is undefined" in str(caught[0].message)
+    with _caught() as caught:
+        fpr, tpr, _ = tasks.roc_curve(labels, scores)
+    assert [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)] * one_class
+    assert np.isnan(fpr).all() == (positives == 3) and np.isnan(tpr).all() == (positives == 0)
+    assert np.isfinite(fpr).all() == (positives != 3) and np.isfinite(tpr).all() == (positives != 0)
+    with _caught() as caught:
+        ap = tasks.average_precision(labels, scores)
+    assert [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)] * (positives == 0)
+    assert np.isnan(ap) == (positives == 0)
+
+
+def test_spearman_of_a_constant_warns_at_the_caller_and_two_points_are_enough():
+    with _caught() as caught:
+        rho = tasks.spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])
+    assert np.isnan(rho) and [(w.category, w.filename) for w in caught] == [(RuntimeWarning, __file__)]
+    assert tasks.spearman([1.0, 2.0], [5.0, 7.0]) == 1.0 and tasks.spearman([1.0, 2.0], [7.0, 5.0]) == -1.0
+    with pytest.raises(ValueError, match="length >= 2"):
+        tasks.spearman([1.0], [2.0])
+
+
+def test_average_precision_of_one_positive_is_one_over_its_rank():
+    # AP = sum over positives of precision at their rank / P: one positive at rank r gives 1 / r
+    for rank in range(1, 6):
+        labels = np.arange(5) == rank - 1
+        assert tasks.average_precision(labels, -np.arange(5.0)) == pytest.approx(1 / rank)
+        assert tasks.roc_auc(labels, -np.arange(5.0)) == pytest.approx((5 - rank) / 4)
+
+
+def test_ranking_metrics_take_0_1_labels_and_any_real_dtype():
+    rng = np.random.default_rng(3)
+    labels = rng.random(60) < 0.3
+    scores = rng.integers(0, 200, 60).astype(np.uint8)      # -scores would wrap around in uint8
+    scores[0], labels[0], labels[1] = 0, False, True          # and 0 would rank first
+    want = _pairwise_auc(labels, scores.astype(float))
+    assert tasks.roc_auc(labels.astype(int), scores) == pytest.approx(want, abs=1e-12)
+    assert tasks.average_precision(labels.astype(int), scores) == tasks.average_precision(labels, scores.astype(float))
+    with pytest.raises(ValueError, match="boolean .* or 0/1"):
+        tasks.roc_auc(labels.astype(int) * 2, scores)
+    with pytest.raises(ValueError, match="boolean .* or 0/1"):
+        tasks.roc_auc(labels.astype(int) - 1, scores)
+
+
 def test_roc_auc_extremes_and_all_tied():
     labels = np.array([0, 0, 1, 1], bool)
     assert tasks.roc_auc(labels, [0.1, 0.2, 0.3, 0.4]) == 1.0
@@ -2391,11 +2453,6 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
     for metric in ("anomaly_auc", "anomaly_auc_signed_score", "anomaly_auprc", "anomaly_ink_spearman"):
         assert m[metric] == m[metric + "_digit_1"]
     assert set(curves) == {"a", "pca", "ink"} and len(curves["ink"]) == 1
-
-
-def _pairwise_auc(labels, scores):
-    pos, neg = scores[labels], scores[~labels]
-    return float(((pos[:, None] > neg[None, :]) + 0.5 * (pos[:, None] == neg[None, :])).mean())
 
 
 def test_anomaly_latents_option_and_separate_checkpoints(tiny_data):
