@@ -1275,19 +1275,44 @@ def test_average_precision_matches_definition(seed):
 
 # ---- metrics: k-NN and Frechet distance
 
+def _brute_knn_predict(z_ref, y_ref, z_q, k):
+    """Majority vote of the k nearest by a full float64 difference tensor; a tie goes to the
+    tied class that has the nearest neighbour."""
+    z_ref, z_q = np.asarray(z_ref, np.float64), np.asarray(z_q, np.float64)
+    d = ((z_q[:, None] - z_ref[None]) ** 2).sum(-1)
+    want = []
+    for row in np.argsort(d, axis=1, kind="stable")[:, :k]:
+        counts = np.bincount(y_ref[row], minlength=10)
+        want.append(next(c for c in y_ref[row] if counts[c] == counts.max()))
+    return np.array(want)
+
+
 def test_knn_predict_matches_brute_force():
     rng = np.random.default_rng(1)
     z_ref, y_ref = rng.normal(size=(300, 5)), rng.integers(0, 10, 300)
     z_q = rng.normal(size=(70, 5))
-    d = ((z_q[:, None] - z_ref[None]) ** 2).sum(-1)
-    nearest = np.argsort(d, axis=1)[:, :7]
-    # majority vote; a tie goes to the tied class that has the nearest neighbour
-    want = []
-    for row in nearest:
-        counts = np.bincount(y_ref[row], minlength=10)
-        want.append(next(c for c in y_ref[row] if counts[c] == counts.max()))
     got = tasks.knn_predict(z_ref, y_ref, z_q, k=7, block=16)
-    assert np.array_equal(got, want)
+    assert np.array_equal(got, _brute_knn_predict(z_ref, y_ref, z_q, 7)) and got.dtype.kind == "i"
+    # the defaults: 10 neighbours, and the query set is not the reference set, even where a query
+    # point lies on top of the reference point of its own index
+    z_q = z_ref[:70] + 1e-3 * rng.normal(size=(70, 5))
+    assert np.array_equal(tasks.knn_predict(z_ref, y_ref, z_q), _brute_knn_predict(z_ref, y_ref, z_q, 10))
+
+
+def test_knn_predict_is_exact_for_float32_codes_far_from_the_origin():
+    # |a|^2 - 2 a.b cancels catastrophically in float32 for codes near 1,000 that differ by 0.01
+    rng = np.random.default_rng(2)
+    z_ref = (1000 + 0.01 * rng.normal(size=(200, 4))).astype(np.float32)
+    z_q = (1000 + 0.01 * rng.normal(size=(50, 4))).astype(np.float32)
+    y_ref = rng.integers(0, 10, 200)
+    assert np.array_equal(tasks.knn_predict(z_ref, y_ref, z_q, k=1), _brute_knn_predict(z_ref, y_ref, z_q, 1))
+
+
+def test_knn_predict_needs_more_than_k_reference_points():
+    z, y = np.arange(4.0)[:, None], np.array([0, 0, 1, 1])
+    assert tasks.knn_predict(z, y, z, k=3).shape == (4,)            # k + 1 points: enough
+    with pytest.raises(ValueError, match="more than k=4"):
+        tasks.knn_predict(z, y, z, k=4)
 
 
 def test_knn_leave_one_out_excludes_self():
@@ -1305,6 +1330,16 @@ def test_frechet_distance_known_values():
     # independent Gaussians: FD = |mu1 - mu2|^2 + sum (s1 - s2)^2 = 1 + 1 + 0 + 0.25
     assert tasks.frechet_distance(a, b) == pytest.approx(2.25, rel=0.03)
     assert abs(tasks.frechet_distance(a, a)) < 1e-6
+
+
+def test_frechet_distance_needs_two_rows_each_and_equal_widths():
+    rng = np.random.default_rng(1)
+    two, many = rng.normal(size=(2, 3)), rng.normal(size=(50, 3))
+    assert np.isfinite(tasks.frechet_distance(two, many))      # 2 rows: a covariance exists
+    with pytest.raises(ValueError, match=">= 2 rows"):
+        tasks.frechet_distance(two[:1], many)
+    with pytest.raises(ValueError, match="equal width"):
+        tasks.frechet_distance(many, rng.normal(size=(50, 4)))
 
 
 # ---- probes
@@ -1335,6 +1370,19 @@ def test_newton_logistic_is_stationary_point_of_autograd_loss():
     loss.backward()
     assert wt.grad.abs().max() < 1e-6
     assert tasks.logistic_objective(x, y, w, lam)[0] == pytest.approx(loss.item(), rel=1e-10)
+
+
+def test_logistic_objective_is_finite_for_huge_logits_in_every_row():
+    # rows whose logits sit near +800 and near -800: exp() overflows or underflows without the
+    # per-row shift; the value is the by-hand cross-entropy, computed with each row's own maximum
+    x = np.array([[800.0, 1.0], [-800.0, 1.0]])
+    w = np.array([[1.0, 0.99, 0.0], [0.0, 0.0, 0.0]])
+    y = np.array([1, 0])
+    value, grad, p = tasks.logistic_objective(x, y, w, lam=0.0)
+    logits = x @ w
+    by_hand = [np.log(np.exp(r - r.max()).sum()) + r.max() - r[c] for r, c in zip(logits, y)]
+    assert np.isfinite(grad).all() and np.allclose(p.sum(1), 1.0)
+    assert value == pytest.approx(np.mean(by_hand) + 0.5 * tasks.BIAS_RIDGE * (w[-1] ** 2).sum(), rel=1e-12)
 
 
 def test_linear_probe_rejects_nan_features():
@@ -1854,6 +1902,65 @@ def test_choose_gmm_picks_k_by_validation_log_likelihood(val, expected):
     by_hand = {k: tasks.gmm_log_density(tasks.fit_gmm(z_train, k, 0), z_val).mean() for k in (1, 2)}
     assert scores == pytest.approx(by_hand)
     assert len(gmm["weights"]) == expected == max(by_hand, key=by_hand.get)
+
+
+def test_gmm_of_one_component_is_the_sample_mean_and_covariance_plus_the_ridge():
+    # K = 1 needs no EM: mu = mean, S = biased sample covariance + GMM_RIDGE * mean variance * I.
+    # Codes of large spread (variance ~ 1e4) show whether the ridge scales with it
+    z = np.random.default_rng(4).normal(size=(300, 3)) * np.array([150.0, 80.0, 100.0]) + 7.0
+    gmm = tasks.fit_gmm(z, 1, seed=0)
+    want = np.cov(z.T, bias=True) + tasks.GMM_RIDGE * z.var(0).mean() * np.eye(3)
+    np.testing.assert_allclose(gmm["means"][0], z.mean(0), rtol=1e-10)
+    np.testing.assert_allclose(gmm["covs"][0], want, rtol=1e-9)
+
+
+def test_gmm_keeps_the_start_whose_last_log_likelihood_is_highest(monkeypatch):
+    finals = iter([[0.0, 1.0, 5.0], [0.0, 9.0, 1.0], [0.0, 2.0, 7.0]])   # best last: the third
+    monkeypatch.setattr(tasks, "_em", lambda z, means, *a: {
+        "weights": np.ones(1), "means": np.zeros((1, z.shape[1])), "covs": np.eye(z.shape[1])[None],
+        "log_likelihood": next(finals)})
+    gmm = tasks.fit_gmm(np.random.default_rng(0).normal(size=(30, 2)), 1, seed=0, starts=3)
+    assert gmm["log_likelihood"] == [0.0, 2.0, 7.0]
+
+
+def test_gmm_log_density_of_points_far_apart_is_finite_and_exact():
+    # one point at a component's centre, one 60 sds away (log density ~ -1800): exp() underflows
+    # unless each point's log-sum-exp is shifted by its own maximum
+    gmm = {"weights": np.array([0.4, 0.6]), "means": np.array([[0.0], [1.0]]), "covs": np.ones((2, 1, 1))}
+    z = np.array([[0.0], [60.0]])
+    log_n = lambda x, mu: -0.5 * np.log(2 * np.pi) - 0.5 * (x - mu) ** 2
+    want = np.logaddexp(np.log(0.4) + log_n(z[:, 0], 0.0), np.log(0.6) + log_n(z[:, 0], 1.0))
+    np.testing.assert_allclose(tasks.gmm_log_density(gmm, z), want, rtol=1e-12)
+    assert tasks.gmm_log_density(gmm, z[:1]).shape == (1,)          # a single point is enough
+    with pytest.raises(ValueError, match="2-D array"):
+        tasks.gmm_log_density(gmm, z[:, 0])
+
+
+def test_kmeans_plus_plus_seeds_are_points_drawn_by_squared_distance():
+    # three tight clusters 0.01 apart (all squared distances < 1): each seed lands in a cluster
+    # no earlier seed is in, because a point's chance is its D^2 to the nearest seed so far, and
+    # the points of a cluster that has a seed have ~0
+    cluster = np.array([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])
+    z = np.r_[cluster, cluster + [0.01, 0.0], cluster + [0.0, 0.01]]
+    for seed in range(40):
+        seeds = tasks._kmeans_plus_plus(z, 3, np.random.default_rng(seed))
+        assert all((z == s).all(1).any() for s in seeds)            # seeds are data points
+        assert len({tuple(np.round(s, 3)) for s in seeds}) == 3, seed
+    same = tasks._kmeans_plus_plus(np.ones((5, 2)), 3, np.random.default_rng(0))   # no spread at all
+    assert (same == 1).all()
+
+
+def test_choose_gmm_tie_goes_to_the_smaller_k(monkeypatch):
+    monkeypatch.setattr(tasks, "gmm_log_density", lambda gmm, z: np.zeros(len(z)))   # every K ties
+    gmm, scores = tasks.choose_gmm(_blob_codes(), _blob_codes(seed=1), seed=0, k_grid=(3, 1, 2))
+    assert len(gmm["weights"]) == 1 and scores == {1: 0.0, 2: 0.0, 3: 0.0}
+
+
+def test_categorical_prior_checks_its_indices():
+    assert np.array_equal(tasks.categorical_prior(np.array([[1, 0]]), 2), [[0.0, 1.0], [1.0, 0.0]])
+    for bad in (np.array([1, 0]), np.array([[1.0, 0.0]]), np.zeros((0, 2), int)):
+        with pytest.raises(ValueError, match="non-empty 2-D integer"):
+            tasks.categorical_prior(bad, 2)
 
 
 def test_gmm_degenerate_input():
