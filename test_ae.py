@@ -19,6 +19,7 @@ import http.server
 import json
 import math
 import os
+import pathlib
 import socket
 import struct
 import subprocess
@@ -1405,6 +1406,94 @@ def test_label_budget_indices_stratified():
     assert np.array_equal(np.bincount(y[idx]), np.full(10, 4))
     assert len(np.unique(idx)) == 40
     assert not np.array_equal(idx, tasks.label_budget_indices(y, 4, seed=1))
+
+
+def test_label_budget_indices_skip_a_class_the_labels_lack():
+    y = np.repeat(np.r_[0:3, 4:10], 30)                  # no 3 at all
+    idx = tasks.label_budget_indices(y, 4, seed=0)
+    assert np.array_equal(np.bincount(y[idx], minlength=10), np.r_[4, 4, 4, 0, np.full(6, 4)])
+
+
+def test_ink_is_the_exact_sum_of_the_pixels():
+    x = np.random.default_rng(0).random((50, 1024)).astype(np.float32)
+    assert np.array_equal(tasks.ink(x), x.astype(np.float64).sum(1))     # float64, not float32 rounding
+
+
+def test_decode_passes_the_bottleneck_only_when_asked():
+    torch.manual_seed(0)
+    model = ae.build("vq", 4).eval()
+    h = torch.randn(8, 4)
+    with torch.no_grad():
+        plain, quantised = model.decode(h).numpy(), model.decode(model.bottleneck(h)).numpy()
+    assert not np.allclose(plain, quantised)
+    np.testing.assert_allclose(tasks.decode(model, h.numpy()), plain, atol=1e-6)
+    np.testing.assert_allclose(tasks.decode(model, h.numpy(), through_bottleneck=True), quantised, atol=1e-6)
+
+
+def test_interpolation_default_length_and_fixed_noise_from_its_own_seed():
+    torch.manual_seed(0)
+    x = np.random.default_rng(0).random((2, 1024)).astype(np.float32)
+    vae = ae.build("vae", 6).eval()
+    assert tasks.interpolate(vae, x[0], x[1]).shape == (tasks.INTERP_STEPS + 2, 1024)
+    # by hand: h(t) = (1 - t) h_a + t h_b, one eps ~ N(0, I_Z) from a generator seeded with `seed`
+    with torch.no_grad():
+        h = vae.encoder(torch.from_numpy(x))
+        t = torch.linspace(0, 1, 6)[:, None]
+        eps = torch.randn(1, 6, generator=torch.Generator().manual_seed(5)).expand(6, -1)
+        want = vae.decoder(vae.bottleneck((1 - t) * h[0] + t * h[1], eps=eps)).numpy()
+    torch.manual_seed(123)                             # the global generator plays no part
+    got = tasks.interpolate(vae, x[0], x[1], steps=4, fixed_noise=True, seed=5)
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_judge_images_gives_softmax_probabilities_and_penultimate_features():
+    torch.manual_seed(0)
+    judge = tasks.Judge().eval()
+    x = np.random.default_rng(0).random((5, 1024)).astype(np.float32)
+    probs, features = tasks.judge_images(judge, x)
+    with torch.no_grad():
+        np.testing.assert_allclose(probs, torch.softmax(judge(torch.from_numpy(x)), 1).numpy(), atol=1e-6)
+        np.testing.assert_allclose(features, judge.features(torch.from_numpy(x)).numpy(), atol=1e-6)
+    assert probs.shape == (5, 10) and features.shape == (5, 256)
+
+
+def test_judge_is_the_protocols_mlp_and_trains_with_its_settings():
+    import inspect
+    shapes = [tuple(p.shape) for p in tasks.Judge().parameters()]
+    assert shapes == [(256, 1024), (256,), (256, 256), (256,), (10, 256), (10,)]    # 1024-256-256-10
+    assert sum(isinstance(m, nn.ReLU) for m in tasks.Judge().modules()) == 2
+    defaults = {k: p.default for k, p in inspect.signature(tasks.train_judge).parameters.items()}
+    assert (defaults["epochs"], defaults["seed"], defaults["batch_size"], defaults["lr"]) == (5, 0, 128, 1e-3)
+
+
+def test_sample_and_path_quality_by_hand():
+    probs = np.array([[0.95, 0.05] + [0.0] * 8, [0.6, 0.4] + [0.0] * 8, [0.0, 0.99, 0.01] + [0.0] * 7])
+    feats = np.random.default_rng(0).normal(size=(3, 2))
+    q = tasks.sample_quality(probs, feats, feats)
+    # legible: top probability > CONFIDENT (0.9) in 2 of 3; classes 0, 0, 1: entropy of (2/3, 1/3)
+    assert q["legibility"] == pytest.approx(2 / 3)
+    assert q["diversity"] == pytest.approx(-(2 / 3 * np.log(2 / 3) + 1 / 3 * np.log(1 / 3)))
+    assert tasks.sample_quality(probs[:2], feats[:2], feats)["diversity"] == 0.0    # one class: 0
+    path = tasks.path_quality(probs, 0, 1)
+    assert path == {"mean_confidence": pytest.approx((0.95 + 0.6 + 0.99) / 3), "third_class": False,
+                    "classes_passed": []}
+
+
+def test_write_atomically_hides_its_temporary_file_beside_the_result_and_shares_it(tmp_path):
+    seen = []
+    def write(tmp):
+        seen.append(sorted(p.name for p in tmp_path.iterdir()))
+        pathlib.Path(tmp).write_text("done")
+    tasks.write_atomically(str(tmp_path / "r.json"), write)
+    assert len(seen[0]) == 1 and seen[0][0].startswith(".") and seen[0][0].endswith(".json")
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
+    assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
+    def fail(tmp):
+        pathlib.Path(tmp).write_text("half")
+        raise OSError("disk full")
+    with pytest.raises(OSError, match="disk full"):
+        tasks.write_atomically(str(tmp_path / "s.json"), fail)
+    assert [p.name for p in tmp_path.iterdir()] == ["r.json"]       # nothing half-written is left
 
 
 def test_articles_probe_learns_and_keeps_encoder_frozen():
