@@ -2201,6 +2201,46 @@ def test_claim_vq_needs_a_learned_prior(legible, fd, expected):
     assert _verdict(report.audit(m, names, [1]), "vq-VAE samples need a learned prior: a learned categorical") == expected
 
 
+def test_tile_places_images_row_major_and_pads_with_black():
+    imgs = np.arange(1, 6)[:, None] * np.ones((5, 1024)) / 10      # image i is all (i + 1) / 10
+    grid = tasks._tile(imgs, cols=2)
+    assert grid.shape == (3 * 32, 2 * 32)
+    blocks = grid.reshape(3, 32, 2, 32).transpose(0, 2, 1, 3)       # (row, col, 32, 32)
+    assert [float(blocks[r, c].mean()) for r in range(3) for c in range(2)] == pytest.approx(
+        [0.1, 0.2, 0.3, 0.4, 0.5, 0.0])
+
+
+def test_save_gif_frames_are_the_clipped_grey_levels_enlarged(tmp_path):
+    from PIL import Image
+    frames = np.stack([np.linspace(-0.5, 1.5, 1024), np.full(1024, 0.5), np.linspace(1, 0, 1024)])
+    tasks.save_gif(frames, str(tmp_path / "f.gif"))
+    with Image.open(tmp_path / "f.gif") as gif:
+        got = np.array(gif.convert("L"))
+    want = (np.clip(frames[0], 0, 1) * 255).astype(np.uint8).reshape(32, 32)
+    s = tasks.GIF_SCALE
+    assert got.shape == (32 * s, 32 * s)
+    np.testing.assert_array_equal(got[::s, ::s], want)                    # 255 * clipped value
+    np.testing.assert_array_equal(got, np.kron(want, np.ones((s, s), np.uint8)))   # nearest: blocks
+
+
+def test_every_figure_is_written_as_an_image(tmp_path):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    imgs, pts, y = rng.random((16, 1024)), rng.normal(size=(40, 2)), np.arange(40) % 10
+    curve = [("summed BCE", np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0]), 0.65)]
+    figures = {
+        "recon.png": lambda p: tasks.plot_reconstructions(imgs, {"vanilla": imgs}, p),
+        "latents.png": lambda p: tasks.plot_latents({"vanilla": pts, "vae": pts}, y, p),
+        "roc.png": lambda p: tasks.plot_roc({"vanilla": curve}, p),
+        "heat.png": lambda p: tasks.plot_heatmaps({"a": rng.random((2, 3))}, ["m1", "m2"], list("xyz"), p),
+        "budget.png": lambda p: tasks.plot_label_budget([10, 100], {"vq": ([0.3, 0.6], [0.0, 0.0])}, p)}
+    for name, draw in figures.items():
+        draw(str(tmp_path / name))
+        with Image.open(tmp_path / name) as img:
+            assert img.format == "PNG" and min(img.size) > 100, name
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(figures)      # no temporary file left
+
+
 def test_plot_samples_one_row_per_model_blank_where_a_sampler_is_missing(tmp_path):
     from PIL import Image
     imgs = np.random.default_rng(0).random((16, 1024))
