@@ -2287,6 +2287,56 @@ def _run_args(data, out, *extra):
             "--models", "vanilla,vae", "--quick", "--jobs", "1", *extra]
 
 
+def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, monkeypatch, capsys):
+    # main as the recipe: every training, then per seed one gauntlet (the first seed draws the
+    # figures), then results.json from what each step returned; the tasks themselves are stubbed
+    calls = {"gauntlet": [], "figures": [], "report": [], "stale": []}
+    def gauntlet(trained, data, args, seed, judge, device, out_dir, first):
+        calls["gauntlet"].append((sorted(trained), seed, judge, out_dir, first, torch.get_num_threads()))
+        return {"reconstruction_bce": {"shallow": float(seed), "pca": 2.0 * seed}}, {"seed": seed}
+    monkeypatch.setattr(run, "run_gauntlet", gauntlet)
+    judge = object()
+    monkeypatch.setattr(run, "get_judge", lambda data, args, device, out_dir: judge)
+    monkeypatch.setattr(report, "write_figures", lambda figs, data, args, out_dir: calls["figures"].append(
+        (figs, out_dir)))
+    monkeypatch.setattr(report, "write_report", lambda results, out_dir: calls["report"].append(
+        (results, out_dir)) or os.path.join(out_dir, "REPORT.md"))
+    monkeypatch.setattr(report, "remove_stale_figures", lambda out_dir, since: calls["stale"].append(out_dir))
+    argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1",
+            "--models", "shallow", "--seeds", "2", "--jobs", "1", "--quick"]
+    before = time.time()
+    returned = run.main(argv)
+    out = str(tmp_path / "mnist")
+    keys = sorted((n, z, s, d) for n in ("shallow", "pca") for z, d in ((20, None), (2, 1)) for s in (42, 43))
+    sort = lambda ks: sorted(ks, key=str)
+    assert [(sort(k), s, j, o, f, th) for k, s, j, o, f, th in calls["gauntlet"]] == [
+        (sort(keys), 42, judge, out, True, run.TASK_THREADS), (sort(keys), 43, judge, out, False, run.TASK_THREADS)]
+    assert calls["figures"] == [({"seed": 42}, out)]                       # the first seed's figures
+    results = json.loads((tmp_path / "mnist" / "results.json").read_text())
+    assert returned == results and calls["report"] == [(results, out)] and calls["stale"] == [out]
+    assert results["metrics"] == {"reconstruction_bce": {
+        "shallow": {"mean": 42.5, "std": pytest.approx(np.std([42, 43], ddof=1)), "runs": [42.0, 43.0]},
+        "pca": {"mean": 85.0, "std": pytest.approx(np.std([84, 86], ddof=1)), "runs": [84.0, 86.0]}}}
+    cfg = results["config"]
+    assert cfg["command"] == "python run.py " + " ".join(argv) and cfg["seeds"] == [42, 43]
+    assert (cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["probe_labels"]) == (540, 60, 200, 540)
+    assert results["environment"]["jobs"] == 1 and results["environment"]["git_commit"] is not None
+    stages = results["stages_seconds"]
+    assert set(stages) == {"data", "training", "tasks", "total"}
+    assert 0 <= stages["data"] and 0 < stages["training"] and 0 <= stages["tasks"]
+    assert stages["data"] + stages["training"] + stages["tasks"] <= stages["total"] <= time.time() - before
+    trainings = results["trainings"]
+    assert len(trainings) == 8 and not any(t["reused"] for t in trainings)
+    for t in trainings:
+        _, meta = ae.load(os.path.join(out, "checkpoints", t["checkpoint"]))
+        assert t["seconds"] == meta["history"]["seconds"] and t["threads"] == meta["threads"]
+        assert t["training"].startswith(meta["settings"]["model"])
+    assert "done in" in capsys.readouterr().out
+    again = run.main(argv)                                                # the same command: all reused
+    assert all(t["reused"] for t in again["trainings"])
+    assert [t["checkpoint"] for t in again["trainings"]] == [t["checkpoint"] for t in trainings]
+
+
 @pytest.mark.slow
 def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monkeypatch):
     from PIL import Image
