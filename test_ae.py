@@ -3339,31 +3339,45 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
     assert ("sample", "vanilla") not in checked and set(m["interpolation_confidence_fixed_noise"]) == {"vae"}
 
 
-def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch):
+@pytest.mark.parametrize("first", [True, False])
+def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch, first):
     _, _, data = wiring
     args = run.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
-                           "--anomaly-digits", "1,3"])
+                           "--anomaly-digits", "1,3", "--quick"])
     names = args.models + list(ae.REFERENCES)          # the contestants, then pca
     trained = {(n, z, s, d): (object(), {"history": {"seconds": float(s + z + (d or 0))}})
                for n in names for s in run.seeds_of(args)
                for z, d in [(run.LATENT, None)] + [(run.LATENT_ANOMALY, d) for d in args.anomaly_digits]}
-    got = {}
-    for task in ("reconstruction", "classification", "baselines", "anomaly", "generation",
-                 "latent_structure", "pixel_references"):
-        monkeypatch.setattr(run, f"task_{task}", lambda *a, _t=task, **k: got.setdefault(_t, a) and (
-            {} if _t == "baselines" else ({}, None)))
+    got, device = {}, torch.device("cpu")
+    steps = {"reconstruction": "reconstruction", "classification": "classification", "baselines": "baselines",
+             "anomaly": "anomaly", "generation": "generation", "latent_structure": "latent",
+             "pixel_references": "pixels"}
+    for task, step in steps.items():
+        # each task returns one metric of its own, and the pixels add a row to classification's
+        metrics = {f"m_{task}": {"vanilla": task}} if task != "pixel_references" else {
+            "m_classification": {run.PIXELS: "pixels"}}
+        monkeypatch.setattr(run, f"task_{task}", lambda *a, _t=task, _m=metrics, **k: got.setdefault(_t, (a, k))
+                            and (_m if _t == "baselines" else (_m, f"figures of {_t}")))
     for seed in run.seeds_of(args):
         got.clear()
-        m, _ = run.run_gauntlet(trained, data, args, seed, "judge", torch.device("cpu"), "out", first=False)
+        m, figs = run.run_gauntlet(trained, data, args, seed, "judge", device, "out", first=first)
         latent20 = {n: trained[(n, run.LATENT, seed, None)][0] for n in names}
-        for task in ("reconstruction", "classification", "generation"):
-            assert got[task][0] == latent20 and seed in got[task]
-        assert got["anomaly"][0] == {(run.LATENT_ANOMALY, d): {n: trained[(n, run.LATENT_ANOMALY, seed, d)][0]
-                                                               for n in names}
-                                     for d in (1, 3)} and seed in got["anomaly"]
-        assert got["latent_structure"][:2] == (latent20, got["anomaly"][0][run.LATENT_ANOMALY, run.ANOMALY_DIGIT])
-        assert seed in got["baselines"] and "judge" in got["generation"] and seed in got["pixel_references"]
+        anomaly = {(run.LATENT_ANOMALY, d): {n: trained[(n, run.LATENT_ANOMALY, seed, d)][0] for n in names}
+                   for d in (1, 3)}
+        call = lambda task: (tuple(a if a is not data else "data" for a in got[task][0]), got[task][1])
+        assert call("reconstruction") == ((latent20, "data", seed), {})
+        assert call("classification") == ((latent20, "data", seed, True), {})
+        assert call("pixel_references") == (("data", seed, True, device), {})
+        assert call("baselines") == (("data", seed, device), {})
+        assert call("anomaly") == ((anomaly, "data", seed), {})
+        assert call("generation") == ((latent20, "data", "judge", seed), {})
+        assert call("latent_structure") == ((latent20, anomaly[run.LATENT_ANOMALY, run.ANOMALY_DIGIT], "data",
+                                             seed, True, "out" if first else None), {})
         assert m["training_seconds"] == {n: float(seed + run.LATENT) for n in names}
+        assert m["m_classification"] == {"vanilla": "classification", run.PIXELS: "pixels"}
+        assert all(m[f"m_{task}"] == {"vanilla": task} for task in steps if task not in ("pixel_references",
+                                                                                         "classification"))
+        assert figs == {step: (None if task == "baselines" else f"figures of {task}") for task, step in steps.items()}
 
 
 def _spy_fit(monkeypatch):
