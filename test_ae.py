@@ -3282,8 +3282,10 @@ def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
     models = _wiring_models(["vanilla", "vae"], run.LATENT)
     models2 = _wiring_models(["vanilla", "vae"], run.LATENT_ANOMALY)
     w = _Wire(monkeypatch, data, list(models.values()) + list(models2.values()))
-    monkeypatch.setattr(tasks, "reconstruct", lambda model, x: np.zeros((len(x), ae.INPUT_DIM)))
-    m, _ = run.task_reconstruction(models, data, WIRING_SEED)
+    monkeypatch.setattr(tasks, "reconstruct", lambda model, x: (model, x))
+    m, shown = run.task_reconstruction(models, data, WIRING_SEED)
+    for name, model in models.items():                   # the figure: the first 16 test images
+        assert shown[name][0] is model and np.array_equal(shown[name][1], data["x_test"][:run.N_SHOWN])
     m.update(run.task_latent_structure(models, models2, data, WIRING_SEED, quick=False)[0])
     test = [-1 - j for j in range(len(data["x_test"]))]
     for name in models:
@@ -3294,6 +3296,76 @@ def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
         assert w.ids(ref) == w.ids(query) == test and c["k"] == 10 and c["exclude_self"]
         assert set(ref[:, 1]) == {w.models.index(models[name])} and set(ref[:, 2]) == {1.0}
         np.testing.assert_array_equal(c["y_ref"], data["y_test"])
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_latent_maps_come_from_the_first_test_codes_and_their_cache(wiring, monkeypatch, tmp_path, quick):
+    _, _, data = wiring
+    monkeypatch.setitem(run.QUICK, "map_points", 50)       # --quick maps only the first 50 test images
+    n_map = 50 if quick else len(data["x_test"])
+    torch.manual_seed(0)
+    models = {"vanilla": ae.build("vanilla", run.LATENT).eval()}
+    models2 = {"vanilla": ae.build("vanilla", run.LATENT_ANOMALY).eval()}
+    embedded = []
+    def cached(map_dir, name, z, seed, n_epochs):
+        embedded.append((map_dir, name, z, seed, n_epochs))
+        return z[:, :2] * 3.0
+    monkeypatch.setattr(run, "cached_embedding", cached)
+    m, figs = run.task_latent_structure(models, models2, data, WIRING_SEED, quick, map_dir=str(tmp_path))
+    (map_dir, name, z, seed, n_epochs), = embedded
+    np.testing.assert_array_equal(z, tasks.encode(models["vanilla"], data["x_test"])[:n_map])
+    assert (map_dir, name, seed) == (str(tmp_path), "vanilla", WIRING_SEED)
+    assert n_epochs == (run.QUICK["umap_epochs"] if quick else None)
+    assert set(figs) == {"maps20", "maps2", "notes20", "notes2"}
+    np.testing.assert_array_equal(figs["maps20"]["vanilla"], z[:, :2] * 3.0)
+    np.testing.assert_array_equal(figs["maps2"]["vanilla"], tasks.encode(models2["vanilla"], data["x_test"][:n_map]))
+    y = data["y_test"][:n_map]
+    knn = np.mean(tasks.knn_predict(z, y, z, k=10, exclude_self=True) == y)
+    assert m["latent_knn_accuracy"]["vanilla"] == knn and f"10-NN 20-d {knn:.3f}" in figs["notes20"]["vanilla"]
+    assert m["umap_trustworthiness"]["vanilla"] == pytest.approx(umap_lite.trustworthiness(z, z[:, :2] * 3.0, k=15))
+    assert set(run.task_latent_structure(models, models2, data, WIRING_SEED, quick)[0]) == {"latent_knn_accuracy"}
+
+
+def test_cached_embedding_runs_umap_once_per_codes_seed_and_epochs(tmp_path, monkeypatch):
+    runs = []
+    def embed(z, seed, n_epochs):
+        runs.append((seed, n_epochs))
+        return z[:, :2] + seed
+    monkeypatch.setattr(umap_lite, "embed", embed)
+    z = np.random.default_rng(0).normal(size=(30, 4))
+    first = run.cached_embedding(str(tmp_path), "vae", z, 42, None)
+    np.testing.assert_array_equal(first, z[:, :2] + 42)
+    np.testing.assert_array_equal(run.cached_embedding(str(tmp_path), "vae", z, 42, None), first)
+    assert runs == [(42, None)]                                   # the second call read the cache
+    assert [p.parent.name for p in tmp_path.rglob("umap-vae-*.npy")] == ["cache"]
+    run.cached_embedding(str(tmp_path), "vae", z, 43, None)      # another seed,
+    run.cached_embedding(str(tmp_path), "vae", z, 42, 100)       # other epochs,
+    run.cached_embedding(str(tmp_path), "vae", z + 1, 42, None)  # other codes: each computed anew
+    assert runs == [(42, None), (43, None), (42, 100), (42, None)] and len(list(tmp_path.rglob("*.npy"))) == 4
+    run.cached_embedding(str(tmp_path), "vae", z, 43, None)
+    assert len(runs) == 4
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_get_judge_trains_once_on_the_training_part_then_loads_it(wiring, tmp_path, monkeypatch, quick):
+    _, _, data = wiring
+    args = run.parse_args(["--data-dir", "x"] + (["--quick"] if quick else []))
+    trained = []
+    def train_judge(x, y, epochs, device):
+        trained.append((x, y, epochs))
+        torch.manual_seed(len(trained))
+        return tasks.Judge().eval()
+    monkeypatch.setattr(tasks, "train_judge", train_judge)
+    first = run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    (x, y, epochs), = trained
+    assert epochs == (run.QUICK["judge_epochs"] if quick else run.JUDGE_EPOCHS)
+    assert np.array_equal(x, data["x_all"][data["train_idx"]]) and np.array_equal(y, data["y_all"][data["train_idx"]])
+    saved, = (tmp_path / "checkpoints").glob("judge-*.pt")
+    assert data["fingerprint"] in saved.name and f"-e{epochs}-" in saved.name
+    second = run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    assert len(trained) == 1 and not second.training
+    for a, b in zip(first.state_dict().values(), second.state_dict().values()):
+        assert torch.equal(a, b)
 
 
 def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
