@@ -2337,6 +2337,71 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
     assert [t["checkpoint"] for t in again["trainings"]] == [t["checkpoint"] for t in trainings]
 
 
+def test_environment_records_versions_cpu_device_and_the_commit_of_run_py(tmp_path, monkeypatch):
+    import platform
+    monkeypatch.chdir(tmp_path)                          # git asks run.py's folder, not the caller's
+    git = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True,
+                                      cwd=os.path.dirname(os.path.abspath(run.__file__))).stdout.strip()
+    env = run.environment(torch.device("cpu"))
+    assert env == {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
+                   "platform": platform.platform(), "cpu": env["cpu"], "cpu_threads": torch.get_num_threads(),
+                   "device": "cpu", "gpu": None, "git_commit": git("rev-parse", "HEAD"),
+                   "git_dirty": bool(git("status", "--porcelain"))}
+    assert isinstance(env["git_commit"], str) and len(env["git_commit"]) == 40
+    real_open = open
+    cpuinfo = "processor\t: 0\nvendor_id\t: X\nmodel name\t: Fake CPU: v2 @ 3.0GHz \nmodel name\t: second\n"
+    monkeypatch.setattr("builtins.open", lambda path, *a, **k: __import__("io").StringIO(cpuinfo)
+                        if path == "/proc/cpuinfo" else real_open(path, *a, **k))
+    assert run.environment(torch.device("cpu"))["cpu"] == "Fake CPU: v2 @ 3.0GHz"    # the first, whole
+    def no_cpuinfo(path, *a, **k):
+        if path == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+    monkeypatch.setattr("builtins.open", no_cpuinfo)
+    assert run.environment(torch.device("cpu"))["cpu"] == platform.processor()       # macOS, Windows
+    def no_git(cmd, **kw):
+        raise FileNotFoundError("git")
+    monkeypatch.setattr(subprocess, "run", no_git)
+    env = run.environment(torch.device("cpu"))
+    assert env["git_commit"] == "" and env["git_dirty"] is False             # no git: no commit
+
+
+def test_config_records_the_command_as_typed(wiring, monkeypatch):
+    _, args, data = wiring
+    monkeypatch.setattr(sys, "argv", ["run.py", "--seeds", "2", "--quick"])
+    assert run.config(args, data, None)["command"] == "python run.py --seeds 2 --quick"
+    assert run.config(args, data, [])["command"] == "python run.py"
+    cfg = run.config(args, data, ["--jobs", "1"])
+    assert cfg["latent_dims"] == [run.LATENT, run.LATENT_ANOMALY] and cfg["split"] == run.SPLIT
+    assert cfg["seeds"] == [42] and cfg["models"] == args.models
+
+
+@pytest.mark.parametrize("how", ["SIGINT", "SIGTERM", "KeyboardInterrupt"])
+def test_cli_ends_an_interrupted_run_with_one_line_and_128_plus_the_signal(monkeypatch, capsys, how):
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    def main():
+        if how == "KeyboardInterrupt":
+            raise KeyboardInterrupt                      # not a signal: counted as Ctrl-C
+        os.kill(os.getpid(), getattr(signal, how))
+        time.sleep(5)
+        pytest.fail("the signal did not interrupt main")
+    monkeypatch.setattr(run, "main", main)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run.cli()
+        handlers = {s: signal.getsignal(s) for s in saved}
+    finally:
+        for s, handler in saved.items():
+            signal.signal(s, handler)
+    sig = signal.SIGINT if how == "KeyboardInterrupt" else getattr(signal, how)
+    assert stop.value.code == 128 + sig
+    assert capsys.readouterr().err == "interrupted: finished trainings are saved; run the same command to continue\n"
+    # a signal's handler ignores both from then on, so a second Ctrl-C cannot cut the cleanup short
+    want = run._interrupt if how == "KeyboardInterrupt" else signal.SIG_IGN
+    assert handlers == {s: want for s in saved}
+
+
 @pytest.mark.slow
 def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monkeypatch):
     from PIL import Image
