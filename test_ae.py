@@ -2804,13 +2804,66 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
             assert m["anomaly_auc_signed_score" + suffix][name] == pytest.approx(
                 _pairwise_auc(y == digit, signed), abs=1e-6)
             assert m["anomaly_ink_spearman" + suffix][name] == pytest.approx(tasks.spearman(bce, ink), abs=1e-6)
-        # ink ranks low ink as anomalous, whatever the model
+            assert m["anomaly_ink_spearman_signed_score" + suffix][name] == pytest.approx(
+                tasks.spearman(signed, ink), abs=1e-6)
+        # ink ranks low ink as anomalous, whatever the model, under both scores' names
         assert m["anomaly_auc" + suffix]["ink"] == pytest.approx(_pairwise_auc(y == digit, -ink))
+        assert m["anomaly_auc_signed_score" + suffix]["ink"] == m["anomaly_auc" + suffix]["ink"]
         assert "anomaly_ink_spearman" + suffix not in m or "ink" not in m["anomaly_ink_spearman" + suffix]
     # the headline keys are the article's setting: digit 1 at latent 2, never latent 20 or digit 3
     for metric in ("anomaly_auc", "anomaly_auc_signed_score", "anomaly_auprc", "anomaly_ink_spearman"):
         assert m[metric] == m[metric + "_digit_1"]
     assert set(curves) == {"a", "pca", "ink"} and len(curves["ink"]) == 1
+    # the ROC figure's curves: (legend, fpr, tpr, AUROC) of the article's setting
+    for name, model in anomaly[2, 1].items():
+        x_hat = model(torch.from_numpy(x)).double().numpy()
+        bce = -(x * np.log(x_hat) + (1 - x) * np.log(1 - x_hat)).sum(1)
+        (label, fpr, tpr, auc), (label2, fpr2, tpr2, auc2) = curves[name]
+        want_fpr, want_tpr, _ = tasks.roc_curve(y == 1, bce)
+        assert (label, label2) == ("summed BCE", "signed (article)") and auc == m["anomaly_auc"][name]
+        np.testing.assert_allclose(fpr, want_fpr) and np.testing.assert_allclose(tpr, want_tpr)
+        assert auc2 == m["anomaly_auc_signed_score"][name] and len(fpr2) == len(tpr2)
+    (label, fpr, tpr, auc), = curves["ink"]
+    assert label == "low ink" and auc == m["anomaly_auc"]["ink"]
+    np.testing.assert_allclose(tpr, tasks.roc_curve(y == 1, -ink)[1])
+
+
+def test_dead_units_note_counts_units_below_a_millionth_of_the_widest_span():
+    z = np.zeros((10, 4))
+    z[:, 0] = np.linspace(0, 1e3, 10)          # the widest unit spans 1,000
+    z[:, 1] = np.linspace(0, 1e-4, 10)         # 1e-7 of it: constant
+    z[:, 2] = np.linspace(0, 1e-3, 10)         # exactly DEAD_SPAN of it: constant (<=)
+    z[:, 3] = np.linspace(0, 2e-3, 10)         # twice that: alive
+    assert run._dead_units_note(z) == " | 2 of 4 units constant"
+    assert run._dead_units_note(z[:, [0, 3]]) == ""
+
+
+def test_summarise_one_seed_has_std_zero_and_several_the_sample_std():
+    one = run.summarise([{"m": {"a": 2.0}}])
+    assert one == {"m": {"a": {"mean": 2.0, "std": 0.0, "runs": [2.0]}}}
+    two = run.summarise([{"m": {"a": 2.0}}, {"m": {"a": 4.0}}])
+    assert two["m"]["a"]["std"] == pytest.approx(np.sqrt(2.0))            # ddof = 1
+
+
+def test_training_jobs_settings_and_checkpoint_names_keep_their_layout(tiny_data):
+    # checkpoints made before any change are reused only if the settings dict, its hash and the
+    # file name stay as they are: a renamed key or another hash would retrain everything
+    args, data = _tiny_run_data(tiny_data, "--models", "shallow")
+    jobs = run.training_jobs(args, data, "out")
+    for job in jobs:
+        s = job["settings"]
+        assert list(s) == ["model", "latent_dim", "seed", "epochs", "batch_size", "lr", "dataset",
+                           "held_out_digit", "n_train", "data", "split"]
+        assert (s["dataset"], s["n_train"], s["data"], s["split"]) == ("mnist", len(job["idx"]),
+                                                                       data["fingerprint"], run.SPLIT)
+        key = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
+        digit = s["held_out_digit"]
+        stem = f"{s['model']}-z{s['latent_dim']}-s{s['seed']}" + ("" if digit is None else f"-no{digit}")
+        assert job["path"] == os.path.join("out", "checkpoints", f"{stem}-{key}.pt")
+        assert job["label"] == f"{s['model']} z={s['latent_dim']} seed {s['seed']}" + (
+            "" if digit is None else f" w/o {digit}")
+        n_params = sum(p.numel() for p in ae.build(s["model"], s["latent_dim"]).parameters())
+        assert job["work"] == s["epochs"] * len(job["idx"]) * (n_params + workers.ETA_OVERHEAD_PARAMS)
 
 
 def test_anomaly_latents_option_and_separate_checkpoints(tiny_data):
