@@ -2845,6 +2845,41 @@ def test_summarise_one_seed_has_std_zero_and_several_the_sample_std():
     assert two["m"]["a"]["std"] == pytest.approx(np.sqrt(2.0))            # ddof = 1
 
 
+def test_train_all_in_one_process_reports_every_epoch_of_every_job(tiny_data, tmp_path, monkeypatch):
+    args, data = _tiny_run_data(tiny_data, "--models", "shallow", "--epochs", "2", "--jobs", "1")
+    jobs = [j for j in run.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "shallow"]
+    events = []
+    class Recorder:
+        def __init__(self, todo):
+            events.append(("todo", [j["label"] for j in todo]))
+        def epoch(self, label, info):
+            events.append(("epoch", label, info["epoch"], info["epochs"]))
+        def finished(self, label):
+            events.append(("finished", label))
+    monkeypatch.setattr(workers, "Progress", Recorder)
+    trained, parallel = run.train_all(jobs, data, args, torch.device("cpu"))
+    want = [("todo", [j["label"] for j in jobs])]
+    for j in jobs:
+        want += [("epoch", j["label"], 1, 2), ("epoch", j["label"], 2, 2), ("finished", j["label"])]
+    assert events == want and parallel == {"jobs": 1, "threads_per_job": torch.get_num_threads()}
+    for j in jobs:
+        model, meta = trained[run._key(j)]
+        assert meta["settings"] == j["settings"] and len(meta["history"]["train_loss"]) == 2
+        assert meta["threads"] == torch.get_num_threads() and not model.training
+
+
+def test_check_writable_walks_up_to_the_nearest_folder_and_writes_there(tmp_path, monkeypatch):
+    import tempfile
+    monkeypatch.chdir(tmp_path)
+    tried = []
+    real = tempfile.TemporaryFile
+    monkeypatch.setattr(tempfile, "TemporaryFile", lambda dir=None: tried.append(dir) or real(dir=dir))
+    run._check_writable("new/deeper")                   # relative, nothing of it exists yet
+    (tmp_path / "made").mkdir()
+    run._check_writable(str(tmp_path / "made" / "sub"))
+    assert tried == [".", str(tmp_path / "made")] and not (tmp_path / "new").exists()
+
+
 def test_training_jobs_settings_and_checkpoint_names_keep_their_layout(tiny_data):
     # checkpoints made before any change are reused only if the settings dict, its hash and the
     # file name stay as they are: a renamed key or another hash would retrain everything
