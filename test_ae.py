@@ -3564,6 +3564,41 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
     assert ("sample", "vanilla") not in checked and set(m["interpolation_confidence_fixed_noise"]) == {"vae"}
 
 
+def test_generation_numbers_and_figures_come_from_each_sampler_and_path(wiring, monkeypatch):
+    _, _, data = wiring
+    rng = np.random.default_rng(0)
+    drawn = {"vanilla": ({"_gmm": rng.random((run.N_GENERATED, 1024))}, {"_gmm": 3}),
+             "vae": ({"": rng.random((run.N_GENERATED, 1024)), "_gmm": rng.random((run.N_GENERATED, 1024))},
+                     {"_gmm": 5})}
+    monkeypatch.setattr(run, "draw_samples", lambda model, data, seed: drawn[model.name])
+    paths = {}
+    def interpolate(model, x_a, x_b, fixed_noise, seed):
+        paths[model.name, fixed_noise] = rng.random((6, 1024))
+        return paths[model.name, fixed_noise]
+    monkeypatch.setattr(tasks, "interpolate", interpolate)
+    torch.manual_seed(0)
+    judge = tasks.Judge().eval()
+    models = {n: ae.build(n, run.LATENT).eval() for n in ("vanilla", "vae")}
+    m, figs = run.task_generation(models, data, judge, WIRING_SEED)
+    _, test_features = tasks.judge_images(judge, data["x_test"][:run.N_GENERATED])
+    for name, (samples, components) in drawn.items():
+        for suffix, generated in samples.items():
+            q = tasks.sample_quality(*tasks.judge_images(judge, generated), test_features)
+            assert m[f"sample_legibility{suffix}"][name] == q["legibility"]
+            assert m[f"sample_frechet{suffix}"][name] == pytest.approx(q["frechet"])
+            sampler = run.SAMPLERS[suffix]
+            np.testing.assert_array_equal(figs["samples"][name][sampler], generated[:run.N_SHOWN])
+            assert figs["notes"][name][sampler].startswith(f"legible {q['legibility']:.2f} | diversity ")
+        assert m["sample_components_gmm"][name] == components["_gmm"]
+    for (name, fixed), frames in paths.items():
+        suffix = "_fixed_noise" if fixed else ""
+        path = tasks.path_quality(tasks.judge_images(judge, frames)[0], int(data["y_test"][0]), int(data["y_test"][1]))
+        assert m["interpolation_confidence" + suffix][name] == path["mean_confidence"]
+        assert m["interpolation_third_class" + suffix][name] == float(path["third_class"])
+        assert figs["gifs"][f"interp_{name}{suffix}.gif"] is frames
+    assert set(paths) == {("vanilla", False), ("vae", False), ("vae", True)}
+
+
 @pytest.mark.parametrize("first", [True, False])
 def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch, first):
     _, _, data = wiring
