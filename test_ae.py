@@ -2821,7 +2821,8 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
         (label, fpr, tpr, auc), (label2, fpr2, tpr2, auc2) = curves[name]
         want_fpr, want_tpr, _ = tasks.roc_curve(y == 1, bce)
         assert (label, label2) == ("summed BCE", "signed (article)") and auc == m["anomaly_auc"][name]
-        np.testing.assert_allclose(fpr, want_fpr) and np.testing.assert_allclose(tpr, want_tpr)
+        np.testing.assert_allclose(fpr, want_fpr)
+        np.testing.assert_allclose(tpr, want_tpr)
         assert auc2 == m["anomaly_auc_signed_score"][name] and len(fpr2) == len(tpr2)
     (label, fpr, tpr, auc), = curves["ink"]
     assert label == "low ink" and auc == m["anomaly_auc"]["ink"]
