@@ -109,8 +109,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
             return
         self.send_response(200)
-        # a truncating server promises more than it sends, then closes the connection
-        self.send_header("Content-Length", str(2 * len(body) if self.server.truncate else len(body)))
+        # a truncating server promises more than it sends, then closes the connection; a server
+        # without Content-Length sends the body until it closes (HTTP/1.0)
+        if self.server.length:
+            self.send_header("Content-Length", str(2 * len(body) if self.server.truncate else len(body)))
         self.end_headers()
         self.wfile.write(body)
 
@@ -124,9 +126,9 @@ def _serve(monkeypatch):
     monkeypatch.setenv("no_proxy", "127.0.0.1")
     servers = []
 
-    def start(files, truncate=False):
+    def start(files, truncate=False, length=True):
         server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        server.files, server.truncate = files, truncate
+        server.files, server.truncate, server.length = files, truncate, length
         threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}/"
@@ -326,6 +328,13 @@ def test_mnist_download_only_missing(tmp_path, monkeypatch, _serve):
     assert _all_files(tmp_path) == ["MNIST", "MNIST/raw", *(f"MNIST/raw/{f}" for f in _all_files(raw))]
 
 
+def test_mnist_download_without_content_length(tmp_path, monkeypatch, _serve, capsys):
+    arrays = _fake_arrays()
+    files = _fake_files(arrays)
+    _use_md5s(monkeypatch, files)
+    _assert_same(mnist.load(root=tmp_path / "d", mirrors=[_serve(files, length=False)]), arrays)
+
+
 def test_mnist_download_dead_first_mirror(tmp_path, monkeypatch, _serve):
     arrays = _fake_arrays()
     files = _fake_files(arrays)
@@ -411,6 +420,26 @@ def test_mnist_split_drop_probe():
         mnist.split_indices(np.array([0, 1, 1, 3]), n_val=1)
     with pytest.warns(UserWarning, match="nothing removed"):
         mnist.drop_class(kept, labels, 1)
+
+
+def test_mnist_split_without_validation_and_the_size_limits_at_their_boundaries(tmp_path, monkeypatch):
+    train, val = mnist.split_indices(np.arange(5)[::-1], n_val=0)        # 0 validation images: allowed
+    assert list(train) == [4, 3, 2, 1, 0] and len(val) == 0
+    # a header declaring exactly the limit passes the limit check (the payload check fails instead)
+    monkeypatch.setattr(mnist, "MAX_IDX_BYTES", 64)
+    raw = bytes([0, 0, 0x08, 1]) + struct.pack(">I", 64) + bytes(10)
+    with pytest.raises(mnist.IDXError, match="payload too short"):
+        mnist.read_idx(_write(tmp_path / "at.idx", raw))
+    with pytest.raises(mnist.IDXError, match="over the 64-byte limit"):
+        mnist.read_idx(_write(tmp_path / "over.idx", bytes([0, 0, 0x08, 1]) + struct.pack(">I", 65)))
+    # a .gz may declare up to MAX_DEFLATE_RATIO times its size on disk, not a byte more
+    gz = gzip.compress(bytes([0, 0, 0x08, 1]) + struct.pack(">I", 40) + bytes(40))
+    monkeypatch.setattr(mnist, "MAX_DEFLATE_RATIO", 40 / len(gz))
+    (tmp_path / "at.idx.gz").write_bytes(gz)
+    assert len(mnist.read_idx(tmp_path / "at.idx.gz")) == 40
+    monkeypatch.setattr(mnist, "MAX_DEFLATE_RATIO", 39.9 / len(gz))
+    with pytest.raises(mnist.IDXError, match="gzip file can hold"):
+        mnist.read_idx(tmp_path / "at.idx.gz")
 
 
 def test_split_permutation_is_the_companion_codes():
