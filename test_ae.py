@@ -2910,6 +2910,58 @@ def test_check_writable_walks_up_to_the_nearest_folder_and_writes_there(tmp_path
     assert tried == [".", str(tmp_path / "made")] and not (tmp_path / "new").exists()
 
 
+def test_parse_args_defaults_are_the_protocols_and_quick_shortens_them():
+    args = run.parse_args([])
+    assert (args.dataset, args.epochs, args.batch_size, args.lr, args.seeds) == ("mnist", run.EPOCHS, 256, 1e-3, 1)
+    assert args.models == list(ae.MODELS) and args.out == run.OUT and not args.quick and not args.replace
+    assert (args.anomaly_digits, args.anomaly_latents, args.jobs, args.device) == ([1], [2], None, None)
+    quick = run.parse_args(["--quick"])
+    assert (quick.epochs, quick.out) == (run.QUICK["epochs"], run.QUICK_OUT)
+    assert run.parse_args(["--quick", "--epochs", "7"]).epochs == 7
+    for bad in (["--lr", "inf"], ["--lr", "0"], ["--models", ""], ["--models", "vanilla,nope"], ["--dataset", "cifar"]):
+        with pytest.raises(SystemExit, match="run.py: error: "):
+            run.parse_args(bad)
+    assert run.parse_args(["--lr", "1e308"]).lr == 1e308                # large but finite: allowed
+
+
+def test_anomaly_digits_and_latents_at_the_ends_of_their_ranges():
+    digits = lambda text: run.parse_args(["--anomaly-digits", text]).anomaly_digits
+    latents = lambda text: run.parse_args(["--anomaly-latents", text]).anomaly_latents
+    assert digits("all") == list(range(10)) and digits("0") == [0, 1] and digits("9,3") == [1, 3, 9]
+    assert latents("1") == [1, 2] and latents(str(ae.INPUT_DIM // 2)) == [2, ae.INPUT_DIM // 2]
+    for flag, bad in (("--anomaly-digits", "10"), ("--anomaly-digits", "-1"), ("--anomaly-digits", "1;2"),
+                      ("--anomaly-latents", "0"), ("--anomaly-latents", str(ae.INPUT_DIM // 2 + 1)),
+                      ("--anomaly-latents", "2 20")):
+        with pytest.raises(SystemExit, match=flag):
+            run.parse_args([flag, bad])
+
+
+def test_load_data_default_folder_download_switch_and_fingerprint(tiny_data, monkeypatch):
+    asked, real_load = [], mnist.load
+    monkeypatch.setattr(mnist, "load", lambda name, root, download: asked.append((name, root, download))
+                        or real_load(name, root=str(tiny_data), download=False))
+    data = run.load_data(run.parse_args([]))
+    run.load_data(run.parse_args(["--no-download", "--dataset", "fashion"]))
+    assert asked == [("mnist", os.path.join("data", "mnist"), True), ("fashion", os.path.join("data", "fashion"), False)]
+    images, labels, _, test_labels = real_load("mnist", root=str(tiny_data), download=False)
+    assert data["fingerprint"] == hashlib.md5(images.tobytes()[:1 << 20] + labels.tobytes()).hexdigest()[:12]
+    assert len(data["val_idx"]) == 60 and data["y_test"].dtype == np.int64      # a tenth of 600 validates
+    np.testing.assert_array_equal(data["y_test"], test_labels)
+
+
+def test_baselines_are_the_three_readings_by_name(wiring, monkeypatch):
+    _, _, data = wiring
+    nets = []
+    monkeypatch.setattr(run, "_articles_probe", lambda net, data, seed: nets.append(net) or float(len(nets)))
+    m = run.task_baselines(data, WIRING_SEED, torch.device("cpu"))
+    assert m == {"probe_accuracy_baseline_as_published": {"vanilla": 1.0},
+                 "probe_accuracy_from_scratch": {"vanilla": 2.0}, "probe_accuracy_random_encoder": {"vanilla": 3.0}}
+    published, scratch, frozen = nets
+    assert not any(p.requires_grad for p in published[0].parameters())    # the encoder never moves
+    assert all(p.requires_grad for p in scratch.parameters())
+    assert isinstance(frozen, tasks.FrozenEncoderProbe)
+
+
 def test_training_jobs_settings_and_checkpoint_names_keep_their_layout(tiny_data):
     # checkpoints made before any change are reused only if the settings dict, its hash and the
     # file name stay as they are: a renamed key or another hash would retrain everything
