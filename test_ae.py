@@ -2949,6 +2949,29 @@ def test_load_data_default_folder_download_switch_and_fingerprint(tiny_data, mon
     np.testing.assert_array_equal(data["y_test"], test_labels)
 
 
+def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_itself(wiring, monkeypatch):
+    _, _, data = wiring
+    torch.manual_seed(0)
+    vq = ae.build("vq", run.LATENT).eval()
+    fitted = []
+    def choose(z_train, z_val, seed):
+        fitted.append(z_train.shape)
+        if len(fitted) == 1:
+            raise ValueError("no spread")                   # the first mixture (on z) fails
+        return {"weights": np.ones(2) / 2}, {}
+    monkeypatch.setattr(tasks, "choose_gmm", choose)
+    monkeypatch.setattr(tasks, "sample_gmm", lambda gmm, n, seed: np.full((n, run.LATENT), 0.25, np.float32))
+    decoded = []
+    monkeypatch.setattr(tasks, "decode", lambda model, z, through_bottleneck=False: decoded.append(
+        through_bottleneck) or np.zeros((len(z), ae.INPUT_DIM)))
+    with pytest.warns(RuntimeWarning, match="vq: no ex-post mixture"):
+        samples, components = run.draw_samples(vq, data, WIRING_SEED)
+    # the pre-quantiser mixture is still fitted and its draws pass the quantiser; the categorical doesn't
+    assert set(samples) == {"", "_categorical", "_gmm_prequant"} and components == {"_gmm_prequant": 2}
+    assert decoded == [False, True] and len(fitted) == 2
+    assert samples["_gmm_prequant"].shape == (run.N_GENERATED, ae.INPUT_DIM)
+
+
 def test_baselines_are_the_three_readings_by_name(wiring, monkeypatch):
     _, _, data = wiring
     nets = []
