@@ -3614,6 +3614,7 @@ def test_get_judge_trains_once_on_the_training_part_then_loads_it(wiring, tmp_pa
         torch.manual_seed(len(trained))
         return tasks.Judge().eval()
     monkeypatch.setattr(tasks, "train_judge", train_judge)
+    (tmp_path / "checkpoints").mkdir()                  # the trainings' checkpoints are there already
     first = run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
     (x, y, epochs), = trained
     assert epochs == (run.QUICK["judge_epochs"] if quick else run.JUDGE_EPOCHS)
