@@ -1538,6 +1538,20 @@ def test_articles_probe_learns_and_keeps_encoder_frozen():
     assert [n for n, _ in net.named_parameters()] == ["linear.weight", "linear.bias"]
 
 
+
+def test_articles_probe_shuffles_from_its_own_seed():
+    # the same seed gives the same probe whatever the global generator did before; another seed
+    # another order (the weights after training differ)
+    x = torch.rand(96, 1024, generator=torch.Generator().manual_seed(0))
+    y = (x[:, :512].mean(1) > x[:, 512:].mean(1)).long().numpy()
+    def trained(seed, global_seed):
+        torch.manual_seed(0)
+        net = torch.nn.Linear(1024, 10)
+        torch.manual_seed(global_seed)
+        tasks.train_classifier(net, x[:64], y[:64], x[64:], y[64:], x[64:], y[64:], seed=seed, epochs=2, patience=5)
+        return net.weight.detach().clone()
+    assert torch.equal(trained(3, 1), trained(3, 2)) and not torch.equal(trained(3, 1), trained(4, 1))
+
 # ---- model tasks
 
 def test_anomaly_score_nonnegative_and_larger_out_of_distribution():
