@@ -1,6 +1,6 @@
 """Tests of the Autoencoder Bake-Off: run with `pytest test_ae.py`.
 
-About two minutes on 2 idle cores; `pytest test_ae.py -m "not slow"`, the fast subset, 22 s.
+About two minutes on 2 idle cores; `pytest test_ae.py -m "not slow"`, the fast subset, 28 s.
 
 Every test makes its own tiny data (IDX files, random images, Gaussian blobs); nothing needs the
 real data sets or the network beyond a server the tests start on 127.0.0.1. Where possible a
