@@ -70,6 +70,21 @@ ARTICLE_GENERATIVE = ARTICLE_VAES + ("vq",)
 RENAMED = {"probe_accuracy_reference_protocol": "probe_accuracy_articles_probe"}
 
 
+# ---- over seeds: the metrics as results.json keeps them
+
+def summarise(per_seed):
+    """[{metric: {model: v}}] over seeds -> {metric: {model: {mean, std, runs}}}."""
+    out = {}
+    for metric in per_seed[0]:
+        out[metric] = {}
+        for name in per_seed[0][metric]:
+            runs = [r[metric][name] for r in per_seed if name in r.get(metric, {})]
+            out[metric][name] = {"mean": float(np.mean(runs)),
+                                 "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
+                                 "runs": runs}
+    return out
+
+
 # ---- the audit: the article's conclusions, each checked in every seed
 
 def audit(m, names, digits):

@@ -33,13 +33,10 @@ import hashlib
 import json
 import os
 import pathlib
-import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
-import warnings
 
 import numpy as np
 import torch
@@ -80,8 +77,6 @@ TASK_THREADS = 1
 REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "anomaly_digits",
                    "anomaly_latents", "quick")
 OUT, QUICK_OUT = "runs", os.path.join("runs", "quick")   # git-ignored; results/ is written only on request
-DEAD_SPAN = 1e-6                # a latent unit spanning less than this of the widest one's range is
-                                # constant: far below one pixel of any map
 
 
 # ---- command line
@@ -137,34 +132,24 @@ def parse_args(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least {least}, got {getattr(args, flag)}")
     if not 0 < args.lr < float("inf"):
         p.error(f"--lr must be a positive number, got {args.lr}")
-    args.anomaly_digits = _digits(p, args.anomaly_digits)
-    args.anomaly_latents = _latents(p, args.anomaly_latents)
+    args.anomaly_digits = _numbers(p, "--anomaly-digits", args.anomaly_digits, 0, 9, ANOMALY_DIGIT)
+    args.anomaly_latents = _numbers(p, "--anomaly-latents", args.anomaly_latents, 1, ae.INPUT_DIM // 2,
+                                    LATENT_ANOMALY)
     return args
 
 
-def _latents(p, text):
-    """'2,20' -> sorted latent sizes of the anomaly models, the protocol's 2 always among them."""
+def _numbers(p, flag, text, lo, hi, always):
+    """'3,1' -> sorted whole numbers from lo to hi ('all' for every one), `always` among them."""
+    if text == "all" and flag == "--anomaly-digits":
+        return list(range(lo, hi + 1))
     try:
-        sizes = {int(z) for z in text.split(",")}
+        numbers = {int(v) for v in text.split(",")}
     except ValueError:
-        sizes = set()
-    if not sizes or not all(1 <= z <= ae.INPUT_DIM // 2 for z in sizes):
-        p.error(f"--anomaly-latents takes latent sizes from 1 to {ae.INPUT_DIM // 2} separated by "
-                f"commas, got {text!r}")
-    return sorted(sizes | {LATENT_ANOMALY})
-
-
-def _digits(p, text):
-    """'all' or '3,1' -> sorted digits, the article's held-out digit always among them."""
-    if text == "all":
-        return list(range(10))
-    try:
-        digits = {int(d) for d in text.split(",")}
-    except ValueError:
-        digits = set()
-    if not digits or not all(0 <= d <= 9 for d in digits):
-        p.error(f"--anomaly-digits takes digits 0-9 separated by commas or 'all', got {text!r}")
-    return sorted(digits | {ANOMALY_DIGIT})
+        numbers = set()
+    if not numbers or not all(lo <= v <= hi for v in numbers):
+        p.error(f"{flag} takes numbers from {lo} to {hi} separated by commas"
+                f"{' (or all)' if flag == '--anomaly-digits' else ''}, got {text!r}")
+    return sorted(numbers | {always})
 
 
 # ---- checks before any work: each failure is one line, and nothing is written before them
@@ -350,8 +335,8 @@ def seeds_of(args):
 def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     """All tasks for one seed: ({metric: {model: value}}, {task: what its figures show})."""
     names = args.models + list(ae.REFERENCES)      # the contestants, then the references
-    models = _Announced({n: trained[(n, LATENT, seed, None)][0] for n in names})
-    anomaly = {(z, d): _Announced({n: trained[(n, z, seed, d)][0] for n in names})
+    models = workers.Announced({n: trained[(n, LATENT, seed, None)][0] for n in names})
+    anomaly = {(z, d): workers.Announced({n: trained[(n, z, seed, d)][0] for n in names})
                for z, d in anomaly_trainings(args)}
     m = {"training_seconds": {n: trained[(n, LATENT, seed, None)][1]["history"]["seconds"]
                               for n in names}}
@@ -373,15 +358,6 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
         workers.STATUS.show(f"{workers.STATUS.task} ({time.time() - t:.0f} s)")
         workers.STATUS.end()
     return m, figs
-
-
-class _Announced(dict):
-    """{name: model} whose items() names, on the status line, the model the task is at."""
-
-    def items(self):
-        for i, (name, model) in enumerate(super().items(), 1):
-            workers.STATUS.show(f"{workers.STATUS.task}: {name} ({i}/{len(self)})", log=False)
-            yield name, model
 
 
 def task_reconstruction(models, data, seed):
@@ -527,7 +503,8 @@ def task_generation(models, data, judge, seed):
     m, figs = {}, {"samples": {}, "notes": {}, "gifs": {}}
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for name, model in models.items():
-        samples, components = draw_samples(model, data, seed)
+        samples, components = tasks.draw_samples(model, data["x_all"], data["train_idx"], data["val_idx"],
+                                                  N_GENERATED, seed)
         figs["samples"][name], figs["notes"][name] = {}, {}
         for suffix, generated in samples.items():
             quality = tasks.sample_quality(*tasks.judge_images(judge, generated), test_features)
@@ -547,42 +524,6 @@ def task_generation(models, data, judge, seed):
             put(f"interpolation_third_class{suffix}", name, float(path["third_class"]))
             figs["gifs"][f"interp_{name}{suffix}.gif"] = frames
     return m, figs
-
-
-def draw_samples(model, data, seed):
-    """({metric suffix: (N_GENERATED, 1024) images}, {metric suffix: mixture size K}) of one model.
-
-    "" is the model's own prior, where it has one (model.sample); "_gmm" the ex-post Gaussian
-    mixture fitted to its training codes (the VAEs: sampled z, the codes their decoder was trained
-    on), K chosen on the validation codes, decoded. The vq-VAE adds "_categorical" (per-dimension
-    codebook frequencies of its training codes) and "_gmm_prequant" (a mixture on the encoder
-    outputs before the quantiser, whose samples pass the quantiser). Only training and
-    validation images are encoded: the test images never fit or choose anything.
-    """
-    samples, components = {}, {}
-    ae.set_seed(seed)
-    own = model.eval().sample(N_GENERATED)
-    if own is not None:
-        samples[""] = own.cpu().numpy()                                  # (N_GENERATED, 1024)
-    ae.set_seed(seed)           # the same sampled codes as every other task's
-    mixtures = {"_gmm": (tasks.encode(model, data["x_all"], sample=True), False)}   # (60000, Z)
-    if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
-        codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
-        indices = tasks.vq_indices(model, data["x_all"])[data["train_idx"]]
-        codes = tasks.sample_categorical(tasks.categorical_prior(indices, codebook.shape[1]), codebook,
-                                         N_GENERATED, seed)             # (N_GENERATED, Z)
-        samples["_categorical"] = tasks.decode(model, codes)
-        mixtures["_gmm_prequant"] = (tasks.encoder_outputs(model, data["x_all"]), True)   # before the quantiser
-    for suffix, (codes, through_bottleneck) in mixtures.items():
-        try:
-            gmm, _ = tasks.choose_gmm(codes[data["train_idx"]], codes[data["val_idx"]], seed)
-        except ValueError as err:     # codes that admit no mixture, e.g. every dimension dead
-            warnings.warn(f"{model.name}: no ex-post mixture ({err})", RuntimeWarning, stacklevel=2)
-            continue
-        draws = tasks.sample_gmm(gmm, N_GENERATED, seed)
-        samples[suffix] = tasks.decode(model, draws, through_bottleneck=through_bottleneck)
-        components[suffix] = len(gmm["weights"])
-    return samples, components
 
 
 def task_latent_structure(models, models_z2, data, seed, quick, map_dir=None):
@@ -613,13 +554,7 @@ def task_latent_structure(models, models_z2, data, seed, quick, map_dir=None):
 
 
 def _dead_units_note(z):
-    """' | k of Z units constant' for a panel whose codes z (N, Z) have units that never vary.
-
-    A unit counts as constant when its range over the images is below DEAD_SPAN of the widest
-    unit's: a dead ReLU unit (always 0) turns a latent-2 map into a line.
-    """
-    spans = np.ptp(z, axis=0)                                               # (Z,)
-    dead = int(np.sum(spans <= DEAD_SPAN * max(float(spans.max()), np.finfo(np.float32).tiny)))
+    dead = tasks.dead_units(z)
     return f" | {dead} of {z.shape[1]} units constant" if dead else ""
 
 
@@ -688,7 +623,7 @@ def main(argv=None):
     t_start, stages = time.time(), {}
     out_dir = os.path.join(args.out, args.dataset)
     device = preflight(args)
-    env = environment(device)       # before any output: figures written into a git tree dirty it
+    env = workers.environment(device)       # before any output: figures written into a git tree dirty it
     data = load_data(args)
     print(f"{args.dataset}: {len(data['train_idx'])} train / {len(data['val_idx'])} val / "
           f"{len(data['x_test'])} test images; models: {', '.join(args.models)}; "
@@ -718,7 +653,7 @@ def main(argv=None):
                               "reused": j["reused"], "seconds": trained[_key(j)][1]["history"]["seconds"],
                               "threads": trained[_key(j)][1].get("threads")} for j in jobs],
                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-               "metrics": summarise(per_seed)}
+               "metrics": report.summarise(per_seed)}
     path = os.path.join(out_dir, "results.json")
     tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(results, indent=1)))
     report_path = report.write_report(results, out_dir)
@@ -734,40 +669,6 @@ def config(args, data, argv):
             "n_train": int(len(data["train_idx"])), "n_val": int(len(data["val_idx"])),
             "n_test": int(len(data["x_test"])), "probe_labels": int(len(data["probe_idx"])),
             "split": SPLIT, "command": command.strip()}
-
-
-def summarise(per_seed):
-    """[{metric: {model: v}}] over seeds -> {metric: {model: {mean, std, runs}}}."""
-    out = {}
-    for metric in per_seed[0]:
-        out[metric] = {}
-        for name in per_seed[0][metric]:
-            runs = [r[metric][name] for r in per_seed if name in r.get(metric, {})]
-            out[metric][name] = {"mean": float(np.mean(runs)),
-                                 "std": float(np.std(runs, ddof=1)) if len(runs) > 1 else 0.0,
-                                 "runs": runs}
-    return out
-
-
-def environment(device):
-    """Versions, processor, device and the git commit the numbers came from."""
-    def git(*cmd):
-        try:
-            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5,
-                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
-        except (OSError, subprocess.SubprocessError):
-            return ""
-    cpu = platform.processor()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu,
-            "cpu_threads": torch.get_num_threads(), "device": str(device),
-            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
 
 
 # ---- the command line's entry point: Ctrl-C and SIGTERM end the run cleanly

@@ -15,7 +15,8 @@ Sections:
                    probe (a linear layer trained with Adam, torch), label budgets
     samplers       a Gaussian mixture fitted by EM (NumPy), K chosen on validation codes; the
                    vq-VAE's learned categorical prior
-    model tasks    reconstruction error, anomaly scores, interpolation, samples as numbers
+    model tasks    reconstruction error, anomaly scores, interpolation, samples under every
+                   sampler a model has, dead latent units, samples as numbers
     figures        reconstructions, samples, interpolation GIF, latent maps, ROC curves
 
 References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
@@ -70,6 +71,8 @@ GMM_TOL = 1e-2
 # unit, a vq dimension that uses one codebook value), would otherwise have a singular
 # covariance and an infinite density. 1e-6 of the spread is far below any real variance.
 GMM_RIDGE = 1e-6
+DEAD_SPAN = 1e-6                # a latent unit spanning less than this of the widest one's range is
+                                # constant: far below one pixel of any latent map
 
 
 # ---- metrics: ROC, AUROC, average precision
@@ -819,6 +822,50 @@ def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
         else:
             z = model.bottleneck(path)
         return model.decoder(z).cpu().numpy()
+
+
+def draw_samples(model, x_all, train_idx, val_idx, n, seed):
+    """({sampler: (n, 1024) images}, {sampler: mixture size K}) of one model, every sampler it has.
+
+    Samplers, by their metric-key suffix: "" the model's own prior, where it has one
+    (model.sample); "_gmm" the ex-post Gaussian mixture fitted to its training codes (the VAEs:
+    sampled z, the codes their decoder was trained on), K chosen on the validation codes, decoded.
+    The vq-VAE adds "_categorical" (per-dimension codebook frequencies of its training codes) and
+    "_gmm_prequant" (a mixture on the encoder outputs before the quantiser, whose samples pass the
+    quantiser). Only x_all[train_idx] fits and x_all[val_idx] chooses: test images never enter.
+    """
+    samples, components = {}, {}
+    torch.manual_seed(seed)
+    own = model.eval().sample(n)
+    if own is not None:
+        samples[""] = own.cpu().numpy()                                  # (n, 1024)
+    torch.manual_seed(seed)     # the same sampled codes as every other task's
+    mixtures = {"_gmm": (encode(model, x_all, sample=True), False)}     # (N, Z)
+    if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
+        codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
+        indices = vq_indices(model, x_all)[train_idx]
+        codes = sample_categorical(categorical_prior(indices, codebook.shape[1]), codebook, n, seed)
+        samples["_categorical"] = decode(model, codes)                  # codes: (n, Z)
+        mixtures["_gmm_prequant"] = (encoder_outputs(model, x_all), True)   # before the quantiser
+    for suffix, (codes, through_bottleneck) in mixtures.items():
+        try:
+            gmm, _ = choose_gmm(codes[train_idx], codes[val_idx], seed)
+        except ValueError as err:     # codes that admit no mixture, e.g. every dimension dead
+            warnings.warn(f"{model.name}: no ex-post mixture ({err})", RuntimeWarning, stacklevel=2)
+            continue
+        samples[suffix] = decode(model, sample_gmm(gmm, n, seed), through_bottleneck=through_bottleneck)
+        components[suffix] = len(gmm["weights"])
+    return samples, components
+
+
+def dead_units(z):
+    """How many latent units of the codes z (N, Z) never vary: a dead ReLU unit is always 0.
+
+    A unit counts as constant when its range over the images is at most DEAD_SPAN of the widest
+    unit's (a floor of float32's tiny keeps all-constant codes, widest range 0, counted as dead).
+    """
+    spans = np.ptp(z, axis=0)                                               # (Z,)
+    return int(np.sum(spans <= DEAD_SPAN * max(float(spans.max()), np.finfo(np.float32).tiny)))
 
 
 def judge_images(judge, images):

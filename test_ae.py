@@ -1965,7 +1965,7 @@ def test_label_budget_indices_exact_per_class_and_only_seed_decides():
     assert tuple(idx) not in others and len(others) > 1
 
 
-# ---- samplers: the Gaussian mixture (EM), the vq-VAE's learned prior, run.py's draw_samples
+# ---- samplers: the Gaussian mixture (EM), the vq-VAE's learned prior, draw_samples
 
 def _two_gaussians(n, seed):
     """n points of a known 2-D mixture: weights (0.3, 0.7), means (-3, 0) and (3, 1)."""
@@ -2147,6 +2147,11 @@ def test_vq_learned_prior_frequencies_and_samples():
         tasks.categorical_prior(idx + 1, n_codes)
 
 
+def _draw(model, data, seed):
+    """tasks.draw_samples as run.py's task_generation calls it."""
+    return tasks.draw_samples(model, data["x_all"], data["train_idx"], data["val_idx"], run.N_GENERATED, seed)
+
+
 def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch):
     args, data = _tiny_run_data(tiny_data, "--quick")
     torch.manual_seed(0)
@@ -2161,9 +2166,9 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)   # an untrained vq-VAE has dead dimensions
             fits.clear()
-            samples, ks = run.draw_samples(model, data, 42)
+            samples, ks = _draw(model, data, 42)
             calls = list(fits)
-            again, _ = run.draw_samples(model, other_test, 42)
+            again, _ = _draw(model, other_test, 42)
         expected = {"vanilla": {"_gmm"}, "vae": {"", "_gmm"}, "vq": {"", "_gmm", "_categorical", "_gmm_prequant"}}
         assert set(samples) == expected[name]
         for suffix in samples:                            # other test images change no sample
@@ -2190,7 +2195,7 @@ def test_draw_samples_dead_codes_warn_and_skip_the_mixture(tiny_data):
         model.encoder[-1].weight.zero_()
         model.encoder[-1].bias.fill_(0.3)                # every code the same point
     with pytest.warns(RuntimeWarning, match="vanilla: no ex-post mixture"):
-        samples, ks = run.draw_samples(model, data, 42)
+        samples, ks = _draw(model, data, 42)
     assert samples == {} and ks == {}
 
 
@@ -2212,7 +2217,7 @@ def test_sample_claims_rank_only_the_contestants():
     names = list(ae.MODELS)
     own = {"vae": 0.5, "beta_vae_strict": 0.7, "beta_vae_loose": 0.4, "vq": 0.2, "pca": 0.9}
     gmm = {**{n: 0.3 for n in names}, "beta_vae_strict": 0.8, "pca": 0.95}
-    audit = lambda own, gmm: report.audit(run.summarise(
+    audit = lambda own, gmm: report.audit(report.summarise(
         [{**_claims_seed(), **_sample_seed({"": own, "_gmm": gmm})}]), names, [1])
     rows = audit(own, gmm)
     # a reference model (pca) that samples best is not a contestant: strict is still the best of them
@@ -2230,7 +2235,7 @@ def test_claim_only_vaes_sample_against_the_vaes_mean_legibility(best_determinis
     names = list(ae.MODELS)
     own = {"vae": 0.4, "beta_vae_strict": 0.7, "beta_vae_loose": 0.44, "vq": 0.2}     # VAEs' mean 0.513
     gmm = {**{n: 0.3 for n in names}, "denoising": best_deterministic, "vq": 0.9}       # vq is no VAE
-    m = run.summarise([{**_claims_seed(), **_sample_seed({"": own, "_gmm": gmm})}])
+    m = report.summarise([{**_claims_seed(), **_sample_seed({"": own, "_gmm": gmm})}])
     assert _verdict(report.audit(m, names, [1]), "Only the VAEs can sample") == expected
 
 
@@ -2238,7 +2243,7 @@ def test_claim_only_vaes_sample_against_the_vaes_mean_legibility(best_determinis
                                                    (0.3, 80.0, "not confirmed")])
 def test_claim_vq_needs_a_learned_prior(legible, fd, expected):
     names = list(ae.MODELS)
-    m = run.summarise([_claims_seed(("sample_legibility", {"vq": 0.2}), ("sample_frechet", {"vq": 80.0}),
+    m = report.summarise([_claims_seed(("sample_legibility", {"vq": 0.2}), ("sample_frechet", {"vq": 80.0}),
                                     ("sample_legibility_categorical", {"vq": legible}),
                                     ("sample_frechet_categorical", {"vq": fd}))])
     assert _verdict(report.audit(m, names, [1]), "vq-VAE samples need a learned prior: a learned categorical") == expected
@@ -2385,7 +2390,7 @@ def test_environment_records_versions_cpu_device_and_the_commit_of_run_py(tmp_pa
     monkeypatch.chdir(tmp_path)                          # git asks run.py's folder, not the caller's
     git = lambda *cmd: subprocess.run(["git", *cmd], capture_output=True, text=True,
                                       cwd=os.path.dirname(os.path.abspath(run.__file__))).stdout.strip()
-    env = run.environment(torch.device("cpu"))
+    env = workers.environment(torch.device("cpu"))
     assert env == {"python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
                    "platform": platform.platform(), "cpu": env["cpu"], "cpu_threads": torch.get_num_threads(),
                    "device": "cpu", "gpu": None, "git_commit": git("rev-parse", "HEAD"),
@@ -2395,17 +2400,17 @@ def test_environment_records_versions_cpu_device_and_the_commit_of_run_py(tmp_pa
     cpuinfo = "processor\t: 0\nvendor_id\t: X\nmodel name\t: Fake CPU: v2 @ 3.0GHz \nmodel name\t: second\n"
     monkeypatch.setattr("builtins.open", lambda path, *a, **k: __import__("io").StringIO(cpuinfo)
                         if path == "/proc/cpuinfo" else real_open(path, *a, **k))
-    assert run.environment(torch.device("cpu"))["cpu"] == "Fake CPU: v2 @ 3.0GHz"    # the first, whole
+    assert workers.environment(torch.device("cpu"))["cpu"] == "Fake CPU: v2 @ 3.0GHz"    # the first, whole
     def no_cpuinfo(path, *a, **k):
         if path == "/proc/cpuinfo":
             raise FileNotFoundError(path)
         return real_open(path, *a, **k)
     monkeypatch.setattr("builtins.open", no_cpuinfo)
-    assert run.environment(torch.device("cpu"))["cpu"] == platform.processor()       # macOS, Windows
+    assert workers.environment(torch.device("cpu"))["cpu"] == platform.processor()       # macOS, Windows
     def no_git(cmd, **kw):
         raise FileNotFoundError("git")
     monkeypatch.setattr(subprocess, "run", no_git)
-    env = run.environment(torch.device("cpu"))
+    env = workers.environment(torch.device("cpu"))
     assert env["git_commit"] == "" and env["git_dirty"] is False             # no git: no commit
 
 
@@ -2450,11 +2455,11 @@ def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monke
     from PIL import Image
     # provenance (git_dirty) is read before the run writes anything: with --out inside the git
     # tree, its own figures would otherwise mark every run as made from a dirty tree
-    real_environment, written = run.environment, []
+    real_environment, written = workers.environment, []
     def spy(device):
         written.append(sorted(p.name for p in tmp_path.rglob("*")))
         return real_environment(device)
-    monkeypatch.setattr(run, "environment", spy)
+    monkeypatch.setattr(workers, "environment", spy)
     run.main(_run_args(tiny_data, tmp_path))
     assert written == [[]]
     out = tmp_path / "mnist"
@@ -2872,20 +2877,20 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
     np.testing.assert_allclose(tpr, tasks.roc_curve(y == 1, -ink)[1])
 
 
-def test_dead_units_note_counts_units_below_a_millionth_of_the_widest_span():
+def test_dead_units_counts_units_below_a_millionth_of_the_widest_span():
     z = np.zeros((10, 4))
     z[:, 0] = np.linspace(0, 1e3, 10)          # the widest unit spans 1,000
     z[:, 1] = np.linspace(0, 1e-4, 10)         # 1e-7 of it: constant
     z[:, 2] = np.linspace(0, 1e-3, 10)         # exactly DEAD_SPAN of it: constant (<=)
     z[:, 3] = np.linspace(0, 2e-3, 10)         # twice that: alive
-    assert run._dead_units_note(z) == " | 2 of 4 units constant"
-    assert run._dead_units_note(z[:, [0, 3]]) == ""
+    assert tasks.dead_units(z) == 2 and tasks.dead_units(z[:, [0, 3]]) == 0
+    assert tasks.dead_units(np.zeros((10, 3), np.float32)) == 3     # nothing varies: all dead
 
 
 def test_summarise_one_seed_has_std_zero_and_several_the_sample_std():
-    one = run.summarise([{"m": {"a": 2.0}}])
+    one = report.summarise([{"m": {"a": 2.0}}])
     assert one == {"m": {"a": {"mean": 2.0, "std": 0.0, "runs": [2.0]}}}
-    two = run.summarise([{"m": {"a": 2.0}}, {"m": {"a": 4.0}}])
+    two = report.summarise([{"m": {"a": 2.0}}, {"m": {"a": 4.0}}])
     assert two["m"]["a"]["std"] == pytest.approx(np.sqrt(2.0))            # ddof = 1
 
 
@@ -2945,7 +2950,7 @@ def test_anomaly_digits_and_latents_at_the_ends_of_their_ranges():
     assert latents("1") == [1, 2] and latents(str(ae.INPUT_DIM // 2)) == [2, ae.INPUT_DIM // 2]
     for flag, bad in (("--anomaly-digits", "10"), ("--anomaly-digits", "-1"), ("--anomaly-digits", "1;2"),
                       ("--anomaly-latents", "0"), ("--anomaly-latents", str(ae.INPUT_DIM // 2 + 1)),
-                      ("--anomaly-latents", "2 20")):
+                      ("--anomaly-latents", "2 20"), ("--anomaly-latents", "all")):
         with pytest.raises(SystemExit, match=flag):
             run.parse_args([flag, bad])
 
@@ -2979,7 +2984,7 @@ def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_
     monkeypatch.setattr(tasks, "decode", lambda model, z, through_bottleneck=False: decoded.append(
         through_bottleneck) or np.zeros((len(z), ae.INPUT_DIM)))
     with pytest.warns(RuntimeWarning, match="vq: no ex-post mixture"):
-        samples, components = run.draw_samples(vq, data, WIRING_SEED)
+        samples, components = _draw(vq, data, WIRING_SEED)
     # the pre-quantiser mixture is still fitted and its draws pass the quantiser; the categorical doesn't
     assert set(samples) == {"", "_categorical", "_gmm_prequant"} and components == {"_gmm_prequant": 2}
     assert decoded == [False, True] and len(fitted) == 2
@@ -3265,18 +3270,18 @@ def test_audit_verdicts_count_the_seeds():
     for values, expected, count in [((300, 300, 300), "confirmed", "3 of 3"),
                                     ((300, 50, 300), "depends", "2 of 3"),
                                     ((50, 50, 50), "not confirmed", "0 of 3")]:
-        row = verdict(report.audit(run.summarise([seed(v) for v in values]), names, [1]))
+        row = verdict(report.audit(report.summarise([seed(v) for v in values]), names, [1]))
         assert row[1] == expected and f"holds in {count} seeds" in row[2]
-    one = verdict(report.audit(run.summarise([seed(300)]), names, [1]))
+    one = verdict(report.audit(report.summarise([seed(300)]), names, [1]))
     assert one[1] == "confirmed" and one[2].startswith("one run")
 
 
 def test_published_within_two_std():
-    m = run.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (63.0, 65.0, 64.0)])  # mean 64, std 1
+    m = report.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (63.0, 65.0, 64.0)])  # mean 64, std 1
     assert report._within(m, "reconstruction_bce", "vanilla")            # published 63.92
-    m = run.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (70.0, 70.2, 70.1)])
+    m = report.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (70.0, 70.2, 70.1)])
     assert not report._within(m, "reconstruction_bce", "vanilla")
-    assert not report._within(run.summarise([{"reconstruction_bce": {"vanilla": 63.92}}]),
+    assert not report._within(report.summarise([{"reconstruction_bce": {"vanilla": 63.92}}]),
                            "reconstruction_bce", "vanilla")           # one run has no spread
 
 
@@ -3690,7 +3695,11 @@ def test_generation_numbers_and_figures_come_from_each_sampler_and_path(wiring, 
     drawn = {"vanilla": ({"_gmm": rng.random((run.N_GENERATED, 1024))}, {"_gmm": 3}),
              "vae": ({"": rng.random((run.N_GENERATED, 1024)), "_gmm": rng.random((run.N_GENERATED, 1024))},
                      {"_gmm": 5})}
-    monkeypatch.setattr(run, "draw_samples", lambda model, data, seed: drawn[model.name])
+    def draw(model, x_all, train_idx, val_idx, n, seed):     # the run's sets, size and seed reach it
+        assert x_all is data["x_all"] and train_idx is data["train_idx"] and val_idx is data["val_idx"]
+        assert (n, seed) == (run.N_GENERATED, WIRING_SEED)
+        return drawn[model.name]
+    monkeypatch.setattr(tasks, "draw_samples", draw)
     paths = {}
     def interpolate(model, x_a, x_b, fixed_noise, seed):
         paths[model.name, fixed_noise] = rng.random((6, 1024))
@@ -3833,7 +3842,7 @@ def _runs_with_std(mean, std):
 
 @pytest.mark.parametrize("mean", [64.0, 63.84])         # published 63.92 above and below our mean
 def test_boundary_published_within_two_std_not_one_or_three(mean):
-    within = lambda std: report._within(run.summarise([{"reconstruction_bce": {"vanilla": v}}
+    within = lambda std: report._within(report.summarise([{"reconstruction_bce": {"vanilla": v}}
                                                     for v in _runs_with_std(mean, std)]),
                                      "reconstruction_bce", "vanilla")
     assert within(0.05)          # 0.08 away: within 2 std (0.10), though not within 1 std
@@ -3841,7 +3850,7 @@ def test_boundary_published_within_two_std_not_one_or_three(mean):
 
 
 def _audit_row(per_seed, prefix, names=ae.MODELS, digits=(1, 3)):
-    rows = report.audit(run.summarise(per_seed), list(names), list(digits))
+    rows = report.audit(report.summarise(per_seed), list(names), list(digits))
     return next(r for r in rows if r[0].startswith(prefix))
 
 
@@ -3851,13 +3860,13 @@ def test_audit_a_claim_reading_a_missing_metric_fails_loudly(monkeypatch):
             lambda s, names, digits: (s["reconstruction_bec"]["shallow"] > 0, ""))
     monkeypatch.setattr(report, "CLAIMS", report.CLAIMS + [typo])
     with pytest.raises(KeyError, match="A claim with a typo.*reconstruction_bec"):
-        report.audit(run.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
+        report.audit(report.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
 
 
 def test_audit_claims_without_their_models_or_settings_are_not_run():
     names = [n for n in ae.MODELS if n != "vq"]
     s = {metric: {n: v for n, v in by_model.items() if n != "vq"} for metric, by_model in _claims_seed().items()}
-    rows = {r[0]: r[1:] for r in report.audit(run.summarise([s]), names, [1])}
+    rows = {r[0]: r[1:] for r in report.audit(report.summarise([s]), names, [1])}
     assert len(rows) == len(report.CLAIMS)                          # no claim vanishes
     assert rows["vq-VAE samples (uniform codes) do not resemble digits."] == [
         "not run", "needs vq, not in this run"]
@@ -3875,7 +3884,7 @@ def test_audit_article_claims_ignore_an_added_contestant_ours_count_it():
         if set(ae.MODELS) <= set(by_model):
             by_model["toy"] = by_model["vanilla"]
     s["reconstruction_bce"]["toy"], s["probe_accuracy"]["toy"] = 500.0, 0.99
-    rows = {r[0]: r[1:] for r in report.audit(run.summarise([s]), list(ae.MODELS) + ["toy"], [1, 3])}
+    rows = {r[0]: r[1:] for r in report.audit(report.summarise([s]), list(ae.MODELS) + ["toy"], [1, 3])}
     assert rows["The shallow AE reconstructs worst."][0] == "confirmed"
     beat = "(ours) Autoencoder features beat raw pixels with 550 labels: most contestants above them (converged probe)."
     assert "10 of 10 above pixels" in rows[beat][1]
@@ -3987,7 +3996,7 @@ CLAIM_CASES = [
 
 
 def test_boundary_every_claim_holds_in_the_base_seed():
-    rows = report.audit(run.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
+    rows = report.audit(report.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
     assert len(rows) == len(report.CLAIMS) and all(r[1] == "confirmed" for r in rows), rows
 
 
@@ -4496,7 +4505,7 @@ def test_status_line_in_a_log_file_gets_whole_lines_and_tasks_name_their_model(m
     term = _Terminal()
     status = _status_on(monkeypatch, term)
     status.task = "seed 42: classification"
-    assert [n for n, _ in run._Announced({"vanilla": 1, "vae": 2}).items()] == ["vanilla", "vae"]
+    assert [n for n, _ in workers.Announced({"vanilla": 1, "vae": 2}).items()] == ["vanilla", "vae"]
     assert term.getvalue().split("\r")[1:] == ["seed 42: classification: vanilla (1/2)",
                                                "seed 42: classification: vae (2/2)".ljust(38)]
 
@@ -4504,7 +4513,7 @@ def test_status_line_in_a_log_file_gets_whole_lines_and_tasks_name_their_model(m
 def _metrics(per_seed_values):
     """{metric: {model: [v per seed]}} -> run.summarise's {metric: {model: {mean, std, runs}}}."""
     n_seeds = len(next(iter(next(iter(per_seed_values.values())).values())))
-    return run.summarise([{k: {n: v[i] for n, v in by.items()} for k, by in per_seed_values.items()}
+    return report.summarise([{k: {n: v[i] for n, v in by.items()} for k, by in per_seed_values.items()}
                           for i in range(n_seeds)])
 
 
@@ -4549,7 +4558,7 @@ def _synthetic_results(n_seeds=3, digits=(1, 3)):
     trainings = [{"training": f"{n} z=20", "checkpoint": f"{n}.pt", "reused": False, "seconds": 10.0, "threads": 1}
                  for n in names]
     return {"config": cfg, "environment": env, "stages_seconds": {"total": 60.0}, "trainings": trainings,
-            "finished": "2026-12-01T00:00:00", "metrics": run.summarise(seeds)}
+            "finished": "2026-12-01T00:00:00", "metrics": report.summarise(seeds)}
 
 
 def test_report_renders_every_section_from_results_alone(tmp_path):

@@ -1,10 +1,11 @@
-"""Trainings in worker processes, and the one status line run.py keeps.
+"""How a run runs: trainings in worker processes, the one status line, and the machine's record.
 
     import workers
     n_jobs, threads = workers.plan_jobs(None, len(todo), device)    # one training per core
     progress = workers.Progress(todo)                               # ETA over every training
     workers.train_in_workers(todo, load, train, device, n_jobs, threads, progress)
     workers.STATUS.end()
+    workers.environment(device)     # versions, processor, git commit: results.json's provenance
 
 `load()` returns the data a worker trains on and `train(job, data, device, report)` trains one
 job, calling `report({"epoch", "epochs", "val_loss"})` after each epoch; both must be picklable
@@ -22,19 +23,23 @@ jobs still queued are dropped, not flushed into a pipe nobody reads.
 Simplified: a plain queue instead of a scheduler; no retries (the first failure stops the run).
 
 First read: skip this file. It is plumbing; `run.main` is the recipe, and with `--jobs 1` run.py
-trains in its own process without any of it. Standard library and torch only.
+trains in its own process without any of it. Standard library and torch only (NumPy for its
+version number).
 """
 
 import multiprocessing
 import os
+import platform
 import queue
 import shutil
 import signal
+import subprocess
 import sys
 import threading
 import time
 import traceback
 
+import numpy as np
 import torch
 
 
@@ -115,9 +120,41 @@ class Progress:
         STATUS.show(f"{self.n_done}/{len(self.work)} trained | {flying or '-'}", f" | ETA {eta}", log)
 
 
+class Announced(dict):
+    """{name: model} whose items() names, on the status line, the model the task is at."""
+
+    def items(self):
+        for i, (name, model) in enumerate(super().items(), 1):
+            STATUS.show(f"{STATUS.task}: {name} ({i}/{len(self)})", log=False)
+            yield name, model
+
+
 def hms(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+# ---- the machine
+
+def environment(device):
+    """Versions, processor, device and the git commit the numbers came from (results.json keeps them)."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5,
+                                  cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu,
+            "cpu_threads": torch.get_num_threads(), "device": str(device),
+            "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
 
 
 # ---- the training processes
