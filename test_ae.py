@@ -20,6 +20,7 @@ import json
 import math
 import os
 import pathlib
+import queue
 import socket
 import struct
 import subprocess
@@ -4114,7 +4115,9 @@ def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
     # two points joined by an edge, and (n_neg = 1) point 2 as the negative sample of point 0;
     # close enough that nothing is clipped
     a, b, alpha = 1.58, 0.9, 0.5
-    start = np.array([[0.0, 0.3, 1.1], [0.0, 0.2, -0.4]], np.float32)     # (2, n)
+    # off the origin (a gather along the wrong axis would read x for y), each end at distance
+    # exactly 1 from point 0 (a rule keyed to d^2 == 1 would show)
+    start = np.array([[0.25, 0.25, 1.25], [-0.5, 0.5, -0.5]], np.float32)  # (2, n)
     pos = start.copy()
     umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([n_neg]), a, b, alpha, _FixedRng(2))
     y = torch.tensor(start.T, dtype=torch.float64, requires_grad=True)    # (n, 2)
@@ -4125,6 +4128,212 @@ def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
     grad = torch.autograd.grad(objective, y)[0]
     grad[2] = 0.0                                   # the negative sample stays put
     np.testing.assert_allclose(pos - start, alpha * grad.numpy().T, rtol=3e-3, atol=1e-6)
+
+
+# umap_lite.py: what the mutation run found unchecked (bounds, the schedule, floors, clipping)
+
+def test_umap_knn_takes_the_k_nearest_of_many_points_at_k_1_and_k_30():
+    # 1,500 points: enough that a partition at the wrong position (k or k - 2) shows in some row
+    x = np.random.default_rng(2).normal(size=(1500, 2))
+    for k in (1, 30):                           # k = 1 is allowed (the smallest neighbourhood)
+        np.testing.assert_array_equal(umap_lite.knn(x, k)[0], _brute_knn(x, k)[0])
+
+
+def test_umap_smooth_knn_is_scale_equivariant_and_works_in_float64():
+    _, dist = umap_lite.knn(np.random.default_rng(1).normal(size=(200, 5)), 9)
+    rho, sigma = umap_lite.smooth_knn(dist, 10)
+    for c in (1e-3, 1e3):          # sigma's search starts at 1: it must shrink, and grow, to fit
+        rho_c, sigma_c = umap_lite.smooth_knn(c * dist, 10)
+        np.testing.assert_allclose(rho_c, c * rho, rtol=1e-12)
+        np.testing.assert_allclose(sigma_c, c * sigma, rtol=1e-9)
+    rho32, sigma32 = umap_lite.smooth_knn(dist.astype(np.float32), 10)
+    assert rho32.dtype == sigma32.dtype == np.float64
+    rho64, sigma64 = umap_lite.smooth_knn(dist.astype(np.float32).astype(np.float64), 10)
+    np.testing.assert_array_equal(sigma32, sigma64)
+
+
+def test_umap_sigma_floor_is_a_fraction_of_the_points_mean_distance_or_the_global_one():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 3))
+    x = np.concatenate([x, np.repeat(x[:1], 4, axis=0), np.repeat(x[1:2], 20, axis=0)])
+    _, dist = umap_lite.knn(x, 9)
+    rho, sigma = umap_lite.smooth_knn(dist, 10)
+    # 5 copies: 4 zero distances and the nearest other point (excess 0) already sum past
+    # log2(10) at any sigma, so bisection runs to 0 and the floor holds: the point's own mean
+    five = np.flatnonzero((x == x[0]).all(axis=1))
+    assert len(five) == 5 and np.all(rho[five] > 0)
+    np.testing.assert_allclose(sigma[five], umap_lite.MIN_SIGMA_SCALE * dist[five].mean(axis=1), rtol=1e-12)
+    # 21 copies: every neighbour at 0, rho = 0, and its own mean is 0: the global mean instead
+    clump = np.flatnonzero((x == x[1]).all(axis=1))
+    assert np.all(rho[clump] == 0)
+    np.testing.assert_allclose(sigma[clump], umap_lite.MIN_SIGMA_SCALE * dist.mean(), rtol=1e-12)
+    assert np.median(sigma) > 100 * umap_lite.MIN_SIGMA_SCALE * dist.mean()    # a floor, not the rule
+
+
+def test_umap_fuzzy_graph_drops_edges_whose_weight_underflows_to_zero():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(60, 3))
+    x = np.concatenate([x, np.repeat(x[:1], 4, axis=0), np.repeat(x[1:2], 20, axis=0)])
+    idx, dist = umap_lite.knn(x, 9)
+    rho, sigma = umap_lite.smooth_knn(dist, 10)
+    n = len(x)
+    p = np.zeros((n, n))
+    p[np.repeat(np.arange(n), 9), idx.ravel()] = np.exp(-np.maximum(dist - rho[:, None], 0) / sigma[:, None]).ravel()
+    union = 1 - (1 - p) * (1 - p.T)                         # 0 for pairs that are not listed
+    listed = np.zeros((n, n), bool)
+    listed[np.repeat(np.arange(n), 9), idx.ravel()] = True
+    assert np.any((listed | listed.T) & (union == 0))     # the tiny floored sigmas underflow some
+    head, tail, weight = umap_lite.fuzzy_graph(idx, dist, rho, sigma)
+    assert np.all(weight > 0) and len(weight) == np.count_nonzero(union)
+
+
+def _fit_ab_by_lbfgs(min_dist, spread):
+    """a, b by torch's L-BFGS on the same least-squares problem: an independent minimiser."""
+    x = torch.linspace(0, 3 * spread, 300, dtype=torch.float64)[1:]
+    psi = torch.where(x < min_dist, 1.0, torch.exp(-(x - min_dist) / spread))
+    p = torch.ones(2, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([p], max_iter=1000, tolerance_grad=1e-15, tolerance_change=1e-20,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = ((1 / (1 + p[0] * x ** (2 * p[1])) - psi) ** 2).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return p.detach().numpy()
+
+
+@pytest.mark.parametrize("min_dist, spread", [(0.1, 1.0), (0.0, 1.0), (1.0, 1.0), (0.3, 0.5), (0.1, 2.0)])
+def test_umap_fit_ab_agrees_with_an_independent_minimiser(min_dist, spread):
+    np.testing.assert_allclose(umap_lite.fit_ab(min_dist, spread), _fit_ab_by_lbfgs(min_dist, spread), rtol=1e-7)
+
+
+def test_umap_pca_init_is_the_signed_top_two_projection_scaled_plus_the_seeded_jitter():
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        rotation = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+        shift = [3.0, -7.0, 1.0, 20.0, 0.0]                 # unequal column means
+        x = (rng.normal(size=(200, 5)) * [6.0, 3.0, 1.0, 0.5, 0.2]) @ rotation.T + shift
+        y = umap_lite.pca_init(x, np.random.default_rng(1))
+        # reference: the SVD of the column-centred data, each axis signed so that its largest
+        # loading is positive, y / max|y| + N(0, 1e-4) jitter, each axis mapped onto [0, 10]
+        xc = x - x.mean(axis=0)
+        axes = np.linalg.svd(xc, full_matrices=False)[2][:2]                 # (2, d)
+        axes *= np.sign(axes[np.arange(2), np.abs(axes).argmax(axis=1)])[:, None]
+        p = xc @ axes.T
+        p = p / np.abs(p).max() + np.random.default_rng(1).normal(scale=1e-4, size=p.shape)
+        np.testing.assert_allclose(y, 10 * (p - p.min(0)) / (p.max(0) - p.min(0)), atol=1e-5)
+    x32 = x.astype(np.float32)                              # computed in float64 whatever comes in
+    np.testing.assert_array_equal(umap_lite.pca_init(x32, np.random.default_rng(1)),
+                                  umap_lite.pca_init(x32.astype(np.float64), np.random.default_rng(1)))
+
+
+def test_umap_optimize_samples_an_edge_every_w_max_over_w_epochs_with_five_negatives_each(monkeypatch):
+    n_epochs, seen = 9, []
+    def spy(pos, i, j, n_neg, a, b, alpha, rng):     # the epoch from the learning rate 1 - t / T
+        epoch = round((1 - float(alpha)) * n_epochs)
+        seen.extend((epoch, int(h), int(nn)) for h, nn in zip(i, n_neg))
+    monkeypatch.setattr(umap_lite, "_sgd_step", spy)
+    head, tail = np.array([0, 1, 2]), np.array([1, 2, 3])
+    y = np.zeros((4, 2), np.float32)
+    out = umap_lite.optimize(y, head, tail, np.array([1.0, 0.5, 0.25]), 1.58, 0.9, n_epochs,
+                             np.random.default_rng(0))
+    assert out is y and out.dtype == np.float32
+    epochs = {h: [e for e, hh, _ in seen if hh == h] for h in range(3)}
+    # weight w is sampled at epochs w_max / w, 2 w_max / w, ... up to the last epoch
+    assert epochs == {0: [1, 2, 3, 4, 5, 6, 7, 8], 1: [2, 4, 6, 8], 2: [4, 8]}
+    for h in range(3):                               # NEG_RATE negatives per sample on average
+        negatives = sum(nn for _, hh, nn in seen if hh == h)
+        assert abs(negatives - umap_lite.NEG_RATE * len(epochs[h])) <= 1
+
+
+def test_umap_sgd_step_clips_every_component_at_plus_and_minus_four():
+    # a huge a makes both forces far stronger than 4 at this short distance; point 0's pull
+    # (towards 1) and push (away from 2, its negative sample) both point +x and -y
+    a, b, alpha = 1e12, 3.0, 0.5
+    start = np.array([[0.0, 0.007, -0.007], [0.0, -0.007, 0.007]], np.float32)
+    pos = start.copy()
+    umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([1]), a, b, alpha, _FixedRng(2))
+    clip = umap_lite.GRAD_CLIP
+    np.testing.assert_allclose(pos - start, alpha * np.array([[2 * clip, -clip, 0], [-2 * clip, clip, 0]]),
+                               rtol=1e-6)
+
+
+def test_umap_sgd_step_leaves_coincident_points_in_place_without_warnings():
+    pos = np.array([[0.5, 0.5, 2.0], [1.0, 1.0, 3.0]], np.float32)     # points 0 and 1 coincide
+    before = pos.copy()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                 # 0 ** (b - 1) must not warn
+        umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([1]), 1.58, 0.9, 1.0, _FixedRng(1))
+    np.testing.assert_array_equal(pos, before)
+
+
+def test_umap_sgd_step_draws_negative_samples_from_all_points():
+    asked = []
+    class Recording:
+        def integers(self, low, high, size):
+            asked.append((low, high))
+            return np.zeros(size, np.int64)
+    pos = np.random.default_rng(0).random((2, 7)).astype(np.float32)
+    umap_lite._sgd_step(pos, np.array([0, 3]), np.array([1, 4]), np.array([2, 1]), 1.58, 0.9, 1.0, Recording())
+    assert asked == [(0, 7)]
+
+
+def test_umap_embed_accepts_every_parameter_at_its_bounds():
+    x = np.random.default_rng(0).normal(size=(16, 3))
+    for kwargs in ({"n_neighbors": 2}, {"n_neighbors": 15}, {"min_dist": 0.0}, {"min_dist": 1.0},
+                   {"n_epochs": 1}):
+        y = umap_lite.embed(x, **{"n_epochs": 5, **kwargs})
+        assert y.shape == (16, 2) and np.all(np.isfinite(y))
+    with pytest.raises(ValueError, match="more than n_neighbors"):
+        umap_lite.embed(x, n_neighbors=16, n_epochs=5)
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(umap_lite.embed).parameters.items()}
+    assert defaults == {"x": inspect.Parameter.empty, "n_neighbors": 15, "min_dist": 0.1, "n_epochs": None,
+                        "seed": 0}
+    assert inspect.signature(umap_lite.trustworthiness).parameters["k"].default == 15
+
+
+def test_umap_embed_wiring_neighbours_default_epochs_and_the_weakest_edge_kept(monkeypatch):
+    seen = {}
+    real_knn = umap_lite.knn
+    monkeypatch.setattr(umap_lite, "knn", lambda x, k: seen.update(k=k) or real_knn(x, k))
+    monkeypatch.setattr(umap_lite, "optimize", lambda y, head, tail, weight, a, b, n_epochs, rng:
+                        seen.update(weight=weight, n_epochs=n_epochs) or y)
+    monkeypatch.setattr(umap_lite, "SMALL_N", 20)
+    rng = np.random.default_rng(0)
+    umap_lite.embed(rng.normal(size=(20, 3)), n_neighbors=5)
+    assert seen["k"] == 4 and seen["n_epochs"] == umap_lite.EPOCHS_SMALL   # the point itself counts
+    umap_lite.embed(rng.normal(size=(21, 3)), n_neighbors=5)
+    assert seen["n_epochs"] == umap_lite.EPOCHS_LARGE
+    # an edge is kept when it would be sampled at least once: weight >= max / n_epochs
+    monkeypatch.setattr(umap_lite, "fuzzy_graph", lambda *a: (np.arange(3), np.array([1, 2, 0]),
+                                                             np.array([1.0, 0.25, 0.2499])))
+    umap_lite.embed(rng.normal(size=(21, 3)), n_neighbors=5, n_epochs=4)
+    np.testing.assert_array_equal(seen["weight"], [1.0, 0.25])
+
+
+def test_umap_trustworthiness_at_the_ends_of_k_and_across_blocks(monkeypatch):
+    rng = np.random.default_rng(7)
+    x_high, x_low = rng.normal(size=(20, 4)), rng.normal(size=(20, 2))
+    for k in (1, 9):                                        # 1 <= k < n / 2 = 10
+        want = _slow_trustworthiness(x_high, x_low, k)
+        assert umap_lite.trustworthiness(x_high, x_low, k=k) == pytest.approx(want, abs=1e-12)
+    monkeypatch.setattr(umap_lite, "TRUST_BLOCK_CELLS", 3 * 3 * 20)      # blocks of 3 rows
+    want = _slow_trustworthiness(x_high, x_low, 3)
+    assert umap_lite.trustworthiness(x_high, x_low, k=3) == pytest.approx(want, abs=1e-12)
+
+
+def test_umap_integer_points_are_floats_and_bad_rows_are_counted_and_named():
+    xi = np.random.default_rng(0).integers(0, 50, size=(40, 3))
+    np.testing.assert_array_equal(umap_lite.knn(xi, 3)[1], umap_lite.knn(xi.astype(np.float64), 3)[1])
+    np.testing.assert_array_equal(umap_lite.knn(xi > 25, 3)[1], umap_lite.knn((xi > 25).astype(float), 3)[1])
+    x = np.zeros((10, 2))
+    x[[1, 3, 4, 5, 6, 8, 9], 1] = np.nan
+    with pytest.raises(ValueError, match=r"x has NaN or infinite values in 7 rows \(first: \[1, 3, 4, 5, 6\]\)"):
+        umap_lite.knn(x, 2)
 
 
 # ae.py: what the mutation run found unchecked (defaults, input edges, the loss average, files)
@@ -4510,8 +4719,236 @@ def test_status_line_in_a_log_file_gets_whole_lines_and_tasks_name_their_model(m
                                                "seed 42: classification: vae (2/2)".ljust(38)]
 
 
+# workers.py in-process: the worker loop and its supervisor with stand-ins for the processes and
+# queues (the real processes, signals and all, run in the slow tests)
+
+class _FakeProcess:
+    """A started (pid) worker, or one never started (pid None); `stuck` ignores SIGTERM."""
+
+    def __init__(self, exitcode=None, pid=1, stuck=False):
+        self.exitcode, self.pid, self.stuck, self.calls = exitcode, pid, stuck, []
+
+    def terminate(self):
+        self.calls.append("terminate")
+        if not self.stuck:
+            self.exitcode = -15
+
+    def join(self, timeout=None):
+        self.calls.append(("join", timeout))
+
+    def kill(self):
+        self.calls.append("kill")
+        self.exitcode = -9
+
+
+class _Events:
+    """A queue whose get() hands out `items` in order; an item that is an exception is raised."""
+
+    def __init__(self, items=()):
+        self.items, self.timeouts, self.cancelled = list(items), [], False
+
+    def get(self, timeout=None):
+        self.timeouts.append(timeout)
+        if not self.items:
+            raise queue.Empty
+        item = self.items.pop(0)
+        if isinstance(item, type) and issubclass(item, Exception):
+            raise item
+        return item
+
+    def put(self, item):
+        self.items.append(item)
+
+    def cancel_join_thread(self):
+        self.cancelled = True
+
+
+def test_hms_and_the_progress_eta_from_the_work_done_per_second(monkeypatch):
+    assert [workers.hms(s) for s in (0.5, -3, 59, 7260, 36000)] == ["0:00:00", "0:00:00", "0:00:59",
+                                                                   "2:01:00", "10:00:00"]
+    shown, clock = [], iter([100.0, 110.0, 111.0, 130.0, 140.0, 150.0])
+    monkeypatch.setattr(workers.STATUS, "show", lambda text, tail="", log=True: shown.append((text, tail, log)))
+    monkeypatch.setattr(workers.time, "perf_counter", lambda: next(clock))
+    progress = workers.Progress([{"label": "a", "work": 30.0}, {"label": "b", "work": 10.0}])   # t = 100
+    progress.epoch("a", {"epoch": 10, "epochs": 30, "val_loss": 71.3})      # t = 110: 10 of 40 in 10 s
+    assert shown[-1] == ("0/2 trained | a 10/30 val 71.3", " | ETA 0:00:30", True)
+    progress.epoch("a", {"epoch": 11, "epochs": 30, "val_loss": 71.0})      # a log gets every 10th
+    assert shown[-1][2] is False
+    progress.finished("a")                                                  # t = 130: 30 of 40 in 30 s
+    assert shown[-1] == ("1/2 trained | -", " | ETA 0:00:10", True)
+    workers.Progress([{"label": "b", "work": 10.0}]).show()                 # nothing done yet
+    assert shown[-1][1] == " | ETA ?"
+
+
+def test_status_line_that_showed_nothing_ends_nothing_and_a_long_tail_still_fits(monkeypatch):
+    out = _Terminal()
+    status = _status_on(monkeypatch, out)
+    status.end()
+    assert out.getvalue() == "" and workers.StatusLine().task == ""
+    status.show("x" * 10, " | ETA " + "9" * 70)                # text and tail: 87 columns
+    assert len(out.getvalue()) - 1 <= 79 and out.getvalue().endswith("9" * 70)
+
+
+def test_stop_workers_terminates_the_started_kills_the_stuck_and_drops_the_queue():
+    jobs_q = _Events()
+    quits, stuck, unstarted = _FakeProcess(), _FakeProcess(stuck=True), _FakeProcess(pid=None)
+    workers._stop_workers([quits, stuck, unstarted], jobs_q)
+    assert jobs_q.cancelled and unstarted.calls == []
+    assert quits.calls[0] == "terminate" and len(quits.calls) == 2
+    waited = quits.calls[1][1]
+    assert quits.calls[1][0] == "join" and workers.STOP_S - 1 < waited <= workers.STOP_S   # the grace
+    assert stuck.calls[0] == "terminate" and stuck.calls[2:] == ["kill", ("join", None)]
+
+
+def test_next_event_passes_events_on_and_notices_dead_or_vanished_workers():
+    events = _Events([queue.Empty, ("done", "b", None)])            # nothing yet, then an event
+    assert workers._next_event(events, [_FakeProcess(), _FakeProcess(exitcode=0)]) == ("done", "b", None)
+    assert len(events.timeouts) == 2 and all(0 < t <= 5 for t in events.timeouts)   # polls, never hangs
+    assert workers._next_event(_Events(), [_FakeProcess(), _FakeProcess(exitcode=3)]) == (
+        "error", "worker", "a training process stopped (exit code 3)")
+    assert workers._next_event(_Events(), [_FakeProcess(exitcode=0), _FakeProcess(exitcode=0)]) == (
+        "error", "worker", "the training processes ended before every training was done")
+
+
+@pytest.fixture
+def in_process_worker(monkeypatch):
+    """_worker run in this process: its signal handlers restored after, no parent watch, no thread change."""
+    import signal
+    saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    seen = {"parent": [], "threads": []}
+    monkeypatch.setattr(workers, "_exit_with_parent", seen["parent"].append)
+    monkeypatch.setattr(torch, "set_num_threads", seen["threads"].append)
+    yield seen
+    for s, handler in saved.items():
+        signal.signal(s, handler)
+
+
+def test_worker_trains_each_job_in_order_reports_its_epochs_and_stops_at_the_stop_sign(in_process_worker):
+    import signal
+    jobs_q, events = _Events([{"label": "a"}, {"label": "b"}, None, {"label": "after the stop"}]), _Events()
+    loads, trained = [], []
+    def train(job, data, device, report):
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN       # Ctrl-C is run.py's to handle
+        trained.append((job["label"], data, device))
+        report({"epoch": 1})
+    workers._worker(lambda: loads.append(1) or "DATA", train, "cpu", 3, jobs_q, events, 1234)
+    assert loads == [1] and in_process_worker == {"parent": [1234], "threads": [3]}
+    assert trained == [("a", "DATA", torch.device("cpu")), ("b", "DATA", torch.device("cpu"))]
+    assert events.items == [("epoch", "a", {"epoch": 1}), ("done", "a", None),
+                            ("epoch", "b", {"epoch": 1}), ("done", "b", None)]
+    assert jobs_q.items == [{"label": "after the stop"}]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL            # nothing left to save
+
+
+@pytest.mark.parametrize("error", [ValueError("loss is NaN"), KeyError("x")])
+def test_worker_reports_its_first_failure_and_takes_no_more_jobs(in_process_worker, error):
+    jobs_q, events = _Events([{"label": "a"}, {"label": "b"}, None]), _Events()
+    def train(job, data, device, report):
+        raise error
+    workers._worker(lambda: None, train, "cpu", 1, jobs_q, events, 1)
+    [(kind, label, text)] = events.items
+    assert (kind, label) == ("error", "a") and jobs_q.items == [{"label": "b"}, None]
+    if isinstance(error, workers.EXPECTED):
+        assert text == "loss is NaN"                                     # one line
+    else:
+        assert text.startswith("Traceback") and "KeyError: 'x'" in text  # a bug: the whole traceback
+
+
+def test_worker_unwinds_its_training_on_sigterm_then_leaves_at_once(in_process_worker, monkeypatch):
+    import signal
+    class Left(BaseException):
+        pass
+    codes, cleaned = [], []
+    def leave(code):
+        codes.append(code)
+        raise Left
+    monkeypatch.setattr(os, "_exit", leave)
+    def train(job, data, device, report):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)
+        finally:
+            cleaned.append(job["label"])                 # the atomic save's cleanup gets to run
+    events = _Events()
+    with pytest.raises(Left):
+        workers._worker(lambda: None, train, "cpu", 1, _Events([{"label": "a"}, None]), events, 1)
+    assert codes == [128 + signal.SIGTERM] and cleaned == ["a"] and events.items == []
+
+
+def test_exit_with_parent_ends_the_process_once_the_parent_is_gone(monkeypatch):
+    ppids = iter([1234, 1234])
+    monkeypatch.setattr(os, "getppid", lambda: next(ppids, 1))     # then adopted: the parent died
+    monkeypatch.setattr(workers, "WATCH_PARENT_S", 0.001)
+    codes, left = [], threading.Event()
+    monkeypatch.setattr(os, "_exit", lambda code: codes.append(code) or left.set())
+    workers._exit_with_parent(1234)
+    assert left.wait(10) and codes == [1]
+
+
+class _FakeContext:
+    """multiprocessing's spawn context for train_in_workers: processes that never run, queues whose
+    events are scripted (`script` arrives on the second queue, the events)."""
+
+    def __init__(self, script):
+        self.script, self.queues, self.processes = script, [], []
+
+    def Queue(self):
+        self.queues.append(_Events(self.script if len(self.queues) == 1 else ()))
+        return self.queues[-1]
+
+    def Process(self, target, args, daemon):
+        import signal
+        process = _FakeProcess(pid=None)
+        process.target, process.args, process.daemon = target, args, daemon
+        def start():   # a worker is born with Ctrl-C and SIGTERM blocked
+            process.pid, process.blocked = 1, signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        process.start = start
+        self.processes.append(process)
+        return process
+
+
+class _Recorded:
+    def __init__(self):
+        self.calls = []
+
+    def __getattr__(self, name):
+        return lambda *args: self.calls.append((name, *args))
+
+
+def test_train_in_workers_queues_the_jobs_starts_n_workers_and_follows_their_events(monkeypatch):
+    import signal
+    todo = [{"settings": {"seed": i}, "idx": [i], "label": f"job{i}", "path": f"p{i}", "work": 5.0}
+            for i in range(3)]
+    script = [("epoch", "job0", {"epoch": 1}), ("done", "job0", None), ("done", "job1", None),
+              ("done", "job2", None), ("done", "never read", None)]
+    ctx = _FakeContext(script)
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: method == "spawn" and ctx)
+    progress = _Recorded()
+    workers.train_in_workers(todo, "LOAD", "TRAIN", torch.device("cpu"), 2, 4, progress)
+    jobs_q, events = ctx.queues
+    # what a worker needs of each job, then one stop sign per worker
+    assert jobs_q.items == [{k: job[k] for k in ("settings", "idx", "label", "path")} for job in todo] + [None, None]
+    assert [(p.target, p.args, p.daemon) for p in ctx.processes] == [
+        (workers._worker, ("LOAD", "TRAIN", "cpu", 4, jobs_q, events, os.getpid()), True)] * 2
+    assert all({signal.SIGINT, signal.SIGTERM} <= p.blocked for p in ctx.processes)
+    assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    assert progress.calls == [("epoch", "job0", {"epoch": 1}), ("finished", "job0"), ("finished", "job1"),
+                              ("finished", "job2")]
+    assert events.items == [("done", "never read", None)]               # stops at the last training
+    assert jobs_q.cancelled and all(p.calls[0] == "terminate" for p in ctx.processes)
+
+
+def test_train_in_workers_raises_the_first_failure_and_still_stops_every_worker(monkeypatch):
+    ctx = _FakeContext([("done", "job0", None), ("error", "job1", "loss is NaN")])
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: ctx)
+    todo = [{"settings": {}, "idx": [], "label": f"job{i}", "path": "p", "work": 1.0} for i in range(3)]
+    with pytest.raises(workers.TrainingFailed, match=r"^job1: loss is NaN$"):
+        workers.train_in_workers(todo, None, None, torch.device("cpu"), 3, 1, _Recorded())
+    assert len(ctx.processes) == 3 and all(p.calls[0] == "terminate" for p in ctx.processes)
+
+
 def _metrics(per_seed_values):
-    """{metric: {model: [v per seed]}} -> run.summarise's {metric: {model: {mean, std, runs}}}."""
+    """{metric: {model: [v per seed]}} -> report.summarise's {metric: {model: {mean, std, runs}}}."""
     n_seeds = len(next(iter(next(iter(per_seed_values.values())).values())))
     return report.summarise([{k: {n: v[i] for n, v in by.items()} for k, by in per_seed_values.items()}
                           for i in range(n_seeds)])

@@ -314,9 +314,8 @@ def _sgd_step(pos, i, j, n_neg, a, b, alpha, rng):
     k_neg = rng.integers(0, n, size=len(i_neg))
     diff = np.take(pos, i_neg, axis=1) - np.take(pos, k_neg, axis=1)  # (2, N)
     d2 = (diff * diff).sum(axis=0)
-    coeff = 2.0 * b / ((REPULSE_EPS + d2) * (1.0 + a * d2**b))
-    coeff[d2 == 0] = 0.0                                              # the point itself, or a twin
-    push = np.clip(coeff * diff, -GRAD_CLIP, GRAD_CLIP)               # (2, N)
+    coeff = 2.0 * b / ((REPULSE_EPS + d2) * (1.0 + a * d2**b))       # finite, even at d2 = 0
+    push = np.clip(coeff * diff, -GRAD_CLIP, GRAD_CLIP)               # (2, N); a twin: diff 0, no push
     # sum the moves per point: the head gets +pull and +push, the tail -pull
     for c in range(2):
         step = (np.bincount(i, pull[c], n) - np.bincount(j, pull[c], n)
