@@ -2415,6 +2415,26 @@ def test_environment_records_versions_cpu_device_and_the_commit_of_run_py(tmp_pa
     assert env["git_commit"] == "" and env["git_dirty"] is False             # no git: no commit
 
 
+
+def test_environment_asks_git_for_the_commit_and_local_changes_and_never_waits_long(monkeypatch):
+    asked = []
+    def fake_git(cmd, **kw):
+        asked.append(cmd)
+        assert kw["timeout"] <= 5 and kw["cwd"] == os.path.dirname(os.path.abspath(workers.__file__))
+        out = {"rev-parse": "ab" * 20 + "\n", "status": " M run.py\n"}[cmd[1]]
+        return subprocess.CompletedProcess(cmd, 0, stdout=out, stderr="")
+    monkeypatch.setattr(subprocess, "run", fake_git)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 80GB")
+    env = workers.environment(torch.device("cuda"))
+    assert asked == [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain"]]
+    assert (env["git_commit"], env["git_dirty"]) == ("ab" * 20, True)
+    assert (env["device"], env["gpu"]) == ("cuda", "Fake GPU 80GB")
+    def hangs(cmd, **kw):
+        raise subprocess.TimeoutExpired(cmd, kw["timeout"])
+    monkeypatch.setattr(subprocess, "run", hangs)
+    assert workers.environment(torch.device("cpu"))["git_commit"] == ""
+
+
 def test_config_records_the_command_as_typed(wiring, monkeypatch):
     _, args, data = wiring
     monkeypatch.setattr(sys, "argv", ["run.py", "--seeds", "2", "--quick"])
@@ -4101,32 +4121,38 @@ def test_science_umap_pca_init_takes_the_two_largest_axes():
 
 
 class _FixedRng:
-    """Stands in for np.random.Generator in _sgd_step: every negative sample is point `k`."""
+    """Stands in for np.random.Generator in _sgd_step: the negative samples are the points `k`, in turn."""
 
     def __init__(self, k):
-        self.k = k
+        self.k = np.atleast_1d(k)
 
     def integers(self, low, high, size):
-        return np.full(size, self.k)
+        return np.resize(self.k, size)
 
 
-@pytest.mark.parametrize("n_neg", [0, 1])
-def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg):
-    # two points joined by an edge, and (n_neg = 1) point 2 as the negative sample of point 0;
-    # close enough that nothing is clipped
+# each end of an edge or a negative sample at distance exactly 1 from point 0 (a rule keyed to
+# d^2 == 1 would show), and points at no special distance (a power of d^2 that is wrong shows)
+_SGD_STARTS = {"unit": [[0.25, 0.25, 1.25, -0.75], [-0.5, 0.5, -0.5, 0.5]],
+               "generic": [[0.1, 0.4, 1.2, -0.5], [-0.2, 0.05, -0.6, 0.7]]}
+
+
+@pytest.mark.parametrize("start", _SGD_STARTS)
+@pytest.mark.parametrize("n_neg", [0, 1, 2])
+def test_science_umap_sgd_step_is_the_gradient_of_log_v(n_neg, start):
+    # two points joined by an edge, and points 2 and 3 as the negative samples of point 0 (the
+    # first n_neg of them); off the origin (a gather along the wrong axis would read x for y),
+    # and close enough that nothing is clipped
     a, b, alpha = 1.58, 0.9, 0.5
-    # off the origin (a gather along the wrong axis would read x for y), each end at distance
-    # exactly 1 from point 0 (a rule keyed to d^2 == 1 would show)
-    start = np.array([[0.25, 0.25, 1.25], [-0.5, 0.5, -0.5]], np.float32)  # (2, n)
+    start = np.array(_SGD_STARTS[start], np.float32)                      # (2, n)
     pos = start.copy()
-    umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([n_neg]), a, b, alpha, _FixedRng(2))
+    umap_lite._sgd_step(pos, np.array([0]), np.array([1]), np.array([n_neg]), a, b, alpha, _FixedRng([2, 3]))
     y = torch.tensor(start.T, dtype=torch.float64, requires_grad=True)    # (n, 2)
     d2 = lambda i, j: ((y[i] - y[j]) ** 2).sum()
     log_v = lambda i, j: -torch.log1p(a * d2(i, j) ** b)
-    # ascent on log v_01 moves both ends; on log(1 - v_02) (eps 1e-3 beside d^2 aside) only y_0
-    objective = log_v(0, 1) + n_neg * (torch.log(1 - torch.exp(log_v(0, 2))))
+    # ascent on log v_01 moves both ends; on log(1 - v_0k) (eps 1e-3 beside d^2 aside) only y_0
+    objective = log_v(0, 1) + sum(torch.log(1 - torch.exp(log_v(0, k))) for k in (2, 3)[:n_neg])
     grad = torch.autograd.grad(objective, y)[0]
-    grad[2] = 0.0                                   # the negative sample stays put
+    grad[2:] = 0.0                                  # the negative samples stay put
     np.testing.assert_allclose(pos - start, alpha * grad.numpy().T, rtol=3e-3, atol=1e-6)
 
 
@@ -4439,6 +4465,11 @@ def test_plan_jobs_one_per_core_by_default(monkeypatch):
     assert workers.plan_jobs(4, 18, cpu) == (4, 2)
     assert workers.plan_jobs(1, 18, cpu)[0] == 1
     assert workers.plan_jobs(None, 18, torch.device("mps"))[0] == 1
+    monkeypatch.delattr(os, "sched_getaffinity")            # macOS, Windows: the core count
+    monkeypatch.setattr(os, "cpu_count", lambda: 4)
+    assert workers.plan_jobs(None, 18, cpu) == (4, 1)
+    monkeypatch.setattr(os, "cpu_count", lambda: None)      # unknown: one core
+    assert workers.plan_jobs(None, 18, cpu)[0] == 1
 
 
 @contextlib.contextmanager
@@ -4766,7 +4797,7 @@ class _Events:
 def test_hms_and_the_progress_eta_from_the_work_done_per_second(monkeypatch):
     assert [workers.hms(s) for s in (0.5, -3, 59, 7260, 36000)] == ["0:00:00", "0:00:00", "0:00:59",
                                                                    "2:01:00", "10:00:00"]
-    shown, clock = [], iter([100.0, 110.0, 111.0, 130.0, 140.0, 150.0])
+    shown, clock = [], iter([100.0, 110.0, 111.0, 130.0, 140.0, 150.0, 160.0, 170.0, 180.0])
     monkeypatch.setattr(workers.STATUS, "show", lambda text, tail="", log=True: shown.append((text, tail, log)))
     monkeypatch.setattr(workers.time, "perf_counter", lambda: next(clock))
     progress = workers.Progress([{"label": "a", "work": 30.0}, {"label": "b", "work": 10.0}])   # t = 100
@@ -4776,8 +4807,13 @@ def test_hms_and_the_progress_eta_from_the_work_done_per_second(monkeypatch):
     assert shown[-1][2] is False
     progress.finished("a")                                                  # t = 130: 30 of 40 in 30 s
     assert shown[-1] == ("1/2 trained | -", " | ETA 0:00:10", True)
-    workers.Progress([{"label": "b", "work": 10.0}]).show()                 # nothing done yet
-    assert shown[-1][1] == " | ETA ?"
+    progress.epoch("b", {"epoch": 5, "epochs": 10, "val_loss": 80.0})       # t = 140: 35 of 40 in 40 s
+    progress.finished("b")                                                  # t = 150: all of it
+    assert shown[-1] == ("2/2 trained | -", " | ETA 0:00:00", True)
+    two = workers.Progress([{"label": "c", "work": 10.0}, {"label": "d", "work": 10.0}])   # t = 160
+    two.epoch("c", {"epoch": 0, "epochs": 3, "val_loss": 1.0})             # nothing done yet: t = 170
+    two.epoch("d", {"epoch": 1, "epochs": 3, "val_loss": 2.0})
+    assert shown[-2][1] == " | ETA ?" and shown[-1][0] == "0/2 trained | c 0/3 val 1.0; d 1/3 val 2.0"
 
 
 def test_status_line_that_showed_nothing_ends_nothing_and_a_long_tail_still_fits(monkeypatch):
@@ -4786,7 +4822,16 @@ def test_status_line_that_showed_nothing_ends_nothing_and_a_long_tail_still_fits
     status.end()
     assert out.getvalue() == "" and workers.StatusLine().task == ""
     status.show("x" * 10, " | ETA " + "9" * 70)                # text and tail: 87 columns
-    assert len(out.getvalue()) - 1 <= 79 and out.getvalue().endswith("9" * 70)
+    assert len(out.getvalue()) - 1 <= 79 and out.getvalue().endswith("x~ | ETA " + "9" * 70)
+    status.show("x" * 10, "9" * 80)                            # a tail wider than the line: no text
+    assert out.getvalue().split("\r")[-1] == "~" + "9" * 80
+    log = __import__("io").StringIO()
+    status = _status_on(monkeypatch, log)
+    status.show("a log file gets the line by default")
+    with monkeypatch.context() as m:                           # a task's model: terminals only
+        m.setattr(status, "task", "seed 42: reconstruction")
+        list(workers.Announced({"vanilla": 1}).items())
+    assert log.getvalue() == "a log file gets the line by default\n"
 
 
 def test_stop_workers_terminates_the_started_kills_the_stuck_and_drops_the_queue():
@@ -4798,6 +4843,19 @@ def test_stop_workers_terminates_the_started_kills_the_stuck_and_drops_the_queue
     waited = quits.calls[1][1]
     assert quits.calls[1][0] == "join" and workers.STOP_S - 1 < waited <= workers.STOP_S   # the grace
     assert stuck.calls[0] == "terminate" and stuck.calls[2:] == ["kill", ("join", None)]
+
+
+def test_stop_workers_shares_one_grace_period_among_all_workers(monkeypatch):
+    clock = [1000.0]
+    monkeypatch.setattr(workers.time, "time", lambda: clock[0])
+    class Slow(_FakeProcess):
+        def join(self, timeout=None):           # waits out its whole timeout, and stays
+            super().join(timeout)
+            clock[0] += timeout or 0.0
+    first, second = Slow(stuck=True), Slow(stuck=True)
+    workers._stop_workers([first, second], _Events())
+    assert first.calls[1] == ("join", workers.STOP_S) and second.calls[1] == ("join", 0.0)
+    assert "kill" in first.calls and "kill" in second.calls
 
 
 def test_next_event_passes_events_on_and_notices_dead_or_vanished_workers():
@@ -4842,12 +4900,14 @@ def test_worker_trains_each_job_in_order_reports_its_epochs_and_stops_at_the_sto
 
 @pytest.mark.parametrize("error", [ValueError("loss is NaN"), KeyError("x")])
 def test_worker_reports_its_first_failure_and_takes_no_more_jobs(in_process_worker, error):
+    import signal
     jobs_q, events = _Events([{"label": "a"}, {"label": "b"}, None]), _Events()
     def train(job, data, device, report):
         raise error
     workers._worker(lambda: None, train, "cpu", 1, jobs_q, events, 1)
     [(kind, label, text)] = events.items
     assert (kind, label) == ("error", "a") and jobs_q.items == [{"label": "b"}, None]
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL            # it leaves like a finished one
     if isinstance(error, workers.EXPECTED):
         assert text == "loss is NaN"                                     # one line
     else:
@@ -4876,13 +4936,19 @@ def test_worker_unwinds_its_training_on_sigterm_then_leaves_at_once(in_process_w
 
 
 def test_exit_with_parent_ends_the_process_once_the_parent_is_gone(monkeypatch):
-    ppids = iter([1234, 1234])
-    monkeypatch.setattr(os, "getppid", lambda: next(ppids, 1))     # then adopted: the parent died
+    ppids, asked = iter([1234, 1234]), []
+    monkeypatch.setattr(os, "getppid", lambda: asked.append(1) or next(ppids, 1))   # then adopted: gone
     monkeypatch.setattr(workers, "WATCH_PARENT_S", 0.001)
     codes, left = [], threading.Event()
     monkeypatch.setattr(os, "_exit", lambda code: codes.append(code) or left.set())
+    started = []
+    class Thread(threading.Thread):
+        def start(self):
+            started.append(self.daemon)                 # a daemon: it never keeps the worker alive
+            super().start()
+    monkeypatch.setattr(workers.threading, "Thread", Thread)
     workers._exit_with_parent(1234)
-    assert left.wait(10) and codes == [1]
+    assert left.wait(10) and codes == [1] and len(asked) == 3 and started == [True]
 
 
 class _FakeContext:
@@ -4945,6 +5011,16 @@ def test_train_in_workers_raises_the_first_failure_and_still_stops_every_worker(
     with pytest.raises(workers.TrainingFailed, match=r"^job1: loss is NaN$"):
         workers.train_in_workers(todo, None, None, torch.device("cpu"), 3, 1, _Recorded())
     assert len(ctx.processes) == 3 and all(p.calls[0] == "terminate" for p in ctx.processes)
+    ctx = _FakeContext([("done", "job0", None)])               # then silence: a worker has died
+    monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: ctx)
+    real_process = ctx.Process
+    def dies(target, args, daemon):
+        process = real_process(target, args, daemon)
+        process.exitcode = -9                                   # the out-of-memory killer, say
+        return process
+    ctx.Process = dies
+    with pytest.raises(workers.TrainingFailed, match=r"^worker: a training process stopped \(exit code -9\)$"):
+        workers.train_in_workers(todo, None, None, torch.device("cpu"), 2, 1, _Recorded())
 
 
 def _metrics(per_seed_values):
