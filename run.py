@@ -350,13 +350,10 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
              ("latent", lambda: task_latent_structure(models, anomaly[LATENT_ANOMALY, ANOMALY_DIGIT], data, seed,
                                                       args.quick, out_dir if first else None))]
     for step, task in steps:
-        t, workers.STATUS.task = time.time(), f"seed {seed}: {step}"
-        workers.STATUS.show(f"{workers.STATUS.task} ...")
-        metrics, figs[step] = task()
+        with workers.STATUS.step(f"seed {seed}: {step}"):
+            metrics, figs[step] = task()
         for metric, by_model in metrics.items():      # the pixels join the contestants' metrics
             m.setdefault(metric, {}).update(by_model)
-        workers.STATUS.show(f"{workers.STATUS.task} ({time.time() - t:.0f} s)")
-        workers.STATUS.end()
     return m, figs
 
 
@@ -635,9 +632,8 @@ def main(argv=None):
     stages["training"] = time.time() - t
     torch.set_num_threads(TASK_THREADS)
     t = time.time()
-    workers.STATUS.show("judge (the digit classifier that scores samples) ...")
-    judge = get_judge(data, args, device, out_dir)
-    workers.STATUS.end()
+    with workers.STATUS.step("judge (the digit classifier that scores samples)"):
+        judge = get_judge(data, args, device, out_dir)
     import report       # here, not at the top: report.py reads this file's constants
     per_seed = []
     for i, seed in enumerate(seeds_of(args)):

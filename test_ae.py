@@ -4834,6 +4834,18 @@ def test_status_line_that_showed_nothing_ends_nothing_and_a_long_tail_still_fits
     assert log.getvalue() == "a log file gets the line by default\n"
 
 
+def test_status_step_shows_the_task_its_models_and_its_time(monkeypatch):
+    term = _Terminal()
+    status = _status_on(monkeypatch, term)
+    clock = iter([50.0, 52.4])
+    monkeypatch.setattr(workers.time, "time", lambda: next(clock))
+    with status.step("seed 42: anomaly"):
+        list(workers.Announced({"vae": 1}).items())
+    assert term.getvalue().split("\r")[1:] == ["seed 42: anomaly ...", "seed 42: anomaly: vae (1/1)",
+                                               "seed 42: anomaly (2 s)".ljust(27) + "\n"]
+    assert status.shown == 0
+
+
 def test_stop_workers_terminates_the_started_kills_the_stuck_and_drops_the_queue():
     jobs_q = _Events()
     quits, stuck, unstarted = _FakeProcess(), _FakeProcess(stuck=True), _FakeProcess(pid=None)

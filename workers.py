@@ -27,6 +27,7 @@ trains in its own process without any of it. Standard library and torch only (Nu
 version number).
 """
 
+import contextlib
 import multiprocessing
 import os
 import platform
@@ -64,7 +65,7 @@ class StatusLine:
 
     def __init__(self):
         self.shown = 0              # length of the line now open on the terminal (0: none)
-        self.task = ""              # the task under way, for run.py's _Announced
+        self.task = ""              # the task under way (step), for Announced
 
     def show(self, text, tail="", log=True):
         width = min(LINE_WIDTH, shutil.get_terminal_size().columns) - 1   # the last column wraps
@@ -82,6 +83,16 @@ class StatusLine:
         if self.shown:
             print(flush=True)
             self.shown = 0
+
+    @contextlib.contextmanager
+    def step(self, task):
+        """'task ...' while the block runs, then 'task (N s)' on a line of its own; models that
+        an Announced dict hands out meanwhile are named after the task."""
+        start, self.task = time.time(), task
+        self.show(f"{task} ...")
+        yield
+        self.show(f"{task} ({time.time() - start:.0f} s)")
+        self.end()
 
 
 STATUS = StatusLine()
