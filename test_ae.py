@@ -388,6 +388,80 @@ def test_mnist_download_interrupted_leaves_nothing(tmp_path, monkeypatch, _serve
     assert _all_files(tmp_path) == ["data"]
 
 
+def test_mnist_load_defaults_and_the_mirror_list_it_hands_on(tmp_path, monkeypatch):
+    import inspect
+    defaults = {k: p.default for k, p in inspect.signature(mnist.load).parameters.items()}
+    assert defaults == {"name": "mnist", "root": "data", "download": True, "mirrors": None}
+    asked = []
+    def download(name, folder, missing, mirrors):
+        asked.append(mirrors)
+        raise mnist.DownloadError("stop here")
+    monkeypatch.setattr(mnist, "_download_missing", download)
+    for mirrors in (None, "http://127.0.0.1:1/only/", ["http://a/", "http://b/"]):
+        with pytest.raises(mnist.DownloadError):
+            mnist.load(root=tmp_path, mirrors=mirrors)
+    # the built-in list; one URL as a one-item list, not a list of its characters; a list as given
+    assert asked == [mnist.DATASETS["mnist"]["mirrors"], ["http://127.0.0.1:1/only/"], ["http://a/", "http://b/"]]
+
+
+def test_mnist_download_urls_temp_files_and_the_mirror_that_worked_first(tmp_path, monkeypatch):
+    files = _fake_files(_fake_arrays())
+    _use_md5s(monkeypatch, files)
+    calls = []
+    def fetch(url, tmp, md5):      # mirror b serves everything; a only the first file
+        calls.append((url, tmp))
+        if url.startswith("http://a") and not url.endswith(_STEMS[0] + ".gz"):
+            raise OSError("not here")
+        pathlib.Path(tmp).write_bytes(files[url.rsplit("/", 1)[1]])
+    monkeypatch.setattr(mnist, "_fetch", fetch)
+    monkeypatch.chdir(tmp_path)
+    folder = tmp_path / "data"
+    mnist.load(root=folder, mirrors=["http://a/x/", "http://b/y"])    # with and without a trailing /
+    urls = [url for url, _ in calls]
+    assert urls[:3] == [f"http://a/x/{_STEMS[0]}.gz", f"http://a/x/{_STEMS[1]}.gz", f"http://b/y/{_STEMS[1]}.gz"]
+    # once a mirror fails, the one that worked is asked first, and the others stay behind it
+    assert urls[3:] == [f"http://b/y/{_STEMS[2]}.gz", f"http://b/y/{_STEMS[3]}.gz"]
+    # every temporary file is hidden, beside its final place
+    assert all(os.path.dirname(tmp) == str(folder) and os.path.basename(tmp).startswith(".") for _, tmp in calls)
+    assert _all_files(tmp_path) == ["data", *sorted(f"data/{f}" for f in files)]
+
+
+def test_mnist_download_that_fails_while_renaming_removes_the_files_already_renamed(tmp_path, monkeypatch):
+    files = _fake_files(_fake_arrays())
+    _use_md5s(monkeypatch, files)
+    monkeypatch.setattr(mnist, "_fetch", lambda url, tmp, md5: pathlib.Path(tmp).write_bytes(files[url.rsplit("/", 1)[1]]))
+    real_replace, renamed = os.replace, []
+    def replace(src, dst):
+        if len(renamed) == 2:
+            raise OSError("disk full")
+        renamed.append(dst)
+        real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(OSError, match="disk full"):
+        mnist.load(root=tmp_path / "d", mirrors=["http://a/"])
+    assert len(renamed) == 2 and _all_files(tmp_path) == []            # all or nothing
+
+
+def test_mnist_download_failure_keeps_a_folder_someone_else_wrote_into(tmp_path, monkeypatch):
+    folder = tmp_path / "new" / "mnist"
+    def fetch(url, tmp, md5):       # another program writes into the new folder meanwhile
+        (folder / "theirs.txt").write_text("not ours")
+        raise ConnectionRefusedError("refused")
+    monkeypatch.setattr(mnist, "_fetch", fetch)
+    with pytest.raises(mnist.DownloadError, match="refused"):   # the download's error, not rmdir's
+        mnist.load(root=folder, mirrors=["http://a/"])
+    assert _all_files(tmp_path) == ["new", "new/mnist", "new/mnist/theirs.txt"]
+
+
+def test_mnist_download_from_mirrors_that_never_answer_leaves_nothing(tmp_path, monkeypatch):
+    def refused(url, tmp, md5):     # fails before any temporary file exists: cleanup must cope
+        raise ConnectionRefusedError("refused")
+    monkeypatch.setattr(mnist, "_fetch", refused)
+    with pytest.raises(mnist.DownloadError, match="refused"):
+        mnist.load(root=tmp_path / "d", mirrors=["http://a/", "http://b/"])
+    assert _all_files(tmp_path) == []
+
+
 # ---- splits
 
 def test_mnist_to_vectors_pads_and_scales():
