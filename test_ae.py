@@ -3958,6 +3958,33 @@ def test_audit_a_claim_reading_a_missing_metric_fails_loudly(monkeypatch):
         report.audit(report.summarise([_claims_seed()]), list(ae.MODELS), [1, 3])
 
 
+def test_audit_of_an_older_run_without_references_or_new_metrics_marks_those_claims_not_run():
+    # an older results.json: no pca or pixels rows, no ink diagnostic, no ex-post samplers
+    s = {metric: {n: v for n, v in by_model.items() if n not in ("pca", "pixels")}
+         for metric, by_model in _claims_seed().items()
+         if metric != "anomaly_ink_spearman_signed_score" and not metric.endswith(("_gmm", "_categorical", "_prequant"))}
+    rows = {r[0]: r[1:] for r in report.audit(report.summarise([s]), list(ae.MODELS), [1, 3])}
+    assert len(rows) == len(report.CLAIMS)
+    not_run = {claim: why for claim, (verdict, why) in rows.items() if verdict == "not run"}
+    assert [why for claim, why in not_run.items() if claim.startswith("PCA")] == ["needs pca, not in this run"] * 2
+    assert [why for claim, why in not_run.items() if "raw pixels" in claim] == ["needs pixels, not in this run"] * 2
+    assert any(claim.startswith("(ours) The signed score") and why.startswith("needs anomaly_ink_spearman_signed_score")
+               for claim, why in not_run.items())
+    sampler_claims = [c for c in not_run if "sample_legibility_" in not_run[c]]
+    assert len(sampler_claims) == 5       # strict with the mixture, vq's three learned priors, only the VAEs
+    assert len(not_run) == 2 + 2 + 1 + 5
+    assert rows[next(c for c in rows if c.startswith("The shallow AE"))][0] == "confirmed"   # the rest is judged
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_committed_reports_are_what_report_py_renders_from_their_results(dataset, tmp_path):
+    # every committed REPORT.md is the current code's rendering of the results.json beside it:
+    # after a change to the report or a claim, re-render with `python report.py results/<dataset>`
+    folder = pathlib.Path(run.__file__).parent / "results" / dataset
+    path = report.write_report(report.read_results(str(folder)), str(tmp_path))
+    assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
+
+
 def test_audit_claims_without_their_models_or_settings_are_not_run():
     names = [n for n in ae.MODELS if n != "vq"]
     s = {metric: {n: v for n, v in by_model.items() if n != "vq"} for metric, by_model in _claims_seed().items()}
