@@ -286,7 +286,7 @@ def claim_vae_interpolations(s, names, digits):
 def claim_same_training_time(s, names, digits):
     seconds = [s["training_seconds"][n] for n in names]
     ratio = max(seconds) / min(seconds)
-    return ratio < SAME_TIME_RATIO, (f"{min(seconds):.0f} to {max(seconds):.0f} s "
+    return ratio <= SAME_TIME_RATIO, (f"{min(seconds):.0f} to {max(seconds):.0f} s "
                                      f"(x{ratio:.{_apart([ratio, SAME_TIME_RATIO], 2)}f})")
 
 

@@ -3144,7 +3144,7 @@ def _claim(s, claim, names=tuple(ae.MODELS), digits=(1,)):
 def test_claim_pca_first_try_margin_both_sides():
     base = {n: 0.5 for n in ae.MODELS}
     for pca, holds in [(0.9 - report.CLEAR_MARGIN, True), (0.9 - report.CLEAR_MARGIN - 1e-6, False)]:
-        s = {"anomaly_auc": {**base, "vq": 0.9, "pca": pca}}
+        s = {"anomaly_auc": {**base, "denoising": 0.9, "pca": pca}}     # the best: not the last name
         assert _claim(s, "PCA is a good first try for anomaly detection: within 0.02 of the best "
                          "contestant (summed BCE)")[0] is holds
 
@@ -3944,6 +3944,15 @@ def test_boundary_published_within_two_std_not_one_or_three(mean):
     assert not within(0.035)     # 0.08 away: outside 2 std (0.07), though within 3 std
 
 
+def test_within_two_std_includes_its_edge_and_two_runs_show_their_spread(monkeypatch):
+    monkeypatch.setitem(report.PUBLISHED["reconstruction_bce"], "vanilla", 64.0)
+    m = report.summarise([{"reconstruction_bce": {"vanilla": v}} for v in (64.5, 65.0, 65.5)])
+    assert (m["reconstruction_bce"]["vanilla"]["mean"], m["reconstruction_bce"]["vanilla"]["std"]) == (65.0, 0.5)
+    assert report._within(m, "reconstruction_bce", "vanilla")            # exactly 2 std away: within
+    two = report.summarise([{"x": {"a": v}} for v in (1.0, 2.0)])
+    assert report._fmt(two, "x", "a", 1) == "1.5 ± 0.7" and report._fmt(two, "y", "a", 1) == ""
+
+
 def _audit_row(per_seed, prefix, names=ae.MODELS, digits=(1, 3)):
     rows = report.audit(report.summarise(per_seed), list(names), list(digits))
     return next(r for r in rows if r[0].startswith(prefix))
@@ -4114,6 +4123,9 @@ CLAIM_CASES = [
     ("VAE interpolations", ("interpolation_confidence", {n: 0.819 for n in _VAES}), False),
     ("Training time", ("training_seconds", {"shallow": 100.0 / 1.24 * 1.08}), True),   # x1.24
     ("Training time", ("training_seconds", {"shallow": 108.0 / 1.26}), False),        # x1.26
+    ("Training time", ("training_seconds", {"vq": 125.0}), True),                     # x1.25: within
+    ("VAE interpolations", ("interpolation_confidence",                                # a lead of
+                            {n: (0.02 if n in _VAES else 0.0) for n in ae.MODELS}), False),  # 0.02 is none
 ]
 
 
@@ -4796,9 +4808,10 @@ def test_run_removes_only_the_figures_this_run_did_not_write(tmp_path):
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, (time.time() - 60,) * 2)
     since = time.time()
-    fresh = ["interp_vanilla.gif", "latent_2d.png"]
+    fresh = ["interp_vanilla.gif", "latent_2d.png", "label_budgets.png"]
     for name in fresh:
         (tmp_path / name).write_text("x")
+    os.utime(tmp_path / "label_budgets.png", (since, since))   # written the instant the run began
     report.remove_stale_figures(tmp_path, since)
     assert _files(tmp_path) == sorted(fresh + other)
 
