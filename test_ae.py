@@ -736,6 +736,16 @@ def test_model_unknown_name_error():
         ae.build("vae", latent_dim=0)
 
 
+def test_build_latent_dim_at_both_ends_of_its_range():
+    # from 1 to the widest code the 1,024-wide input allows (a VAE's encoder outputs 2 per unit)
+    for name, widest in (("vanilla", ae.INPUT_DIM), ("vae", ae.INPUT_DIM // 2)):
+        for z in (1, widest):
+            assert ae.build(name, z).latent_dim == z
+        for bad in (0, widest + 1, 2.0):
+            with pytest.raises(ValueError, match=f"latent_dim must be an integer from 1 to {widest}, got"):
+                ae.build(name, bad)
+
+
 @pytest.mark.parametrize("name", ae.MODELS)
 @pytest.mark.parametrize("training", [True, False])
 def test_model_shapes_and_ranges(name, training):
