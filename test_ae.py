@@ -4001,6 +4001,7 @@ def test_committed_reports_are_what_report_py_renders_from_their_results(dataset
     # after a change to the report or a claim, re-render with `python report.py results/<dataset>`
     folder = pathlib.Path(run.__file__).parent / "results" / dataset
     path = report.write_report(report.read_results(str(folder)), str(tmp_path))
+    assert path == str(tmp_path / "REPORT.md") and _files(tmp_path) == ["REPORT.md"]
     assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
 
 
