@@ -1,6 +1,6 @@
 """Tests of the Autoencoder Bake-Off: run with `pytest test_ae.py`.
 
-About two minutes on 2 idle cores; `pytest test_ae.py -m "not slow"`, the fast subset, 28 s.
+About two minutes on 2 idle cores; `pytest test_ae.py -m "not slow"`, the fast subset, 26 to 29 s.
 
 Every test makes its own tiny data (IDX files, random images, Gaussian blobs); nothing needs the
 real data sets or the network beyond a server the tests start on 127.0.0.1. Where possible a
@@ -13,6 +13,7 @@ run.py used.
 """
 
 import contextlib
+import datetime
 import gzip
 import hashlib
 import http.server
@@ -2241,7 +2242,8 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
     args, data = _tiny_run_data(tiny_data, "--quick")
     torch.manual_seed(0)
     fits, real_choose, real_freqs = [], tasks.choose_gmm, tasks.categorical_prior
-    monkeypatch.setattr(tasks, "choose_gmm", lambda a, b, seed: fits.append(("gmm", a, b)) or real_choose(a, b, seed))
+    monkeypatch.setattr(tasks, "choose_gmm", lambda a, b, seed: fits.append(("gmm", a, b))   # two sizes
+                        or real_choose(a, b, seed, k_grid=(1, 2)))                             # suffice here
     monkeypatch.setattr(tasks, "categorical_prior", lambda i, n: fits.append(("freqs", i)) or real_freqs(i, n))
     rng = np.random.default_rng(1)
     other_test = {**data, "x_test": rng.random(data["x_test"].shape, dtype=np.float32),
@@ -2269,7 +2271,7 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
         freq_inputs = [call[1] for call in calls if call[0] == "freqs"]
         if name == "vq":
             np.testing.assert_array_equal(freq_inputs[0], tasks.vq_indices(model, data["x_all"])[data["train_idx"]])
-        assert ks["_gmm"] in tasks.GMM_K_GRID
+        assert ks["_gmm"] in (1, 2)
 
 
 def test_draw_samples_dead_codes_warn_and_skip_the_mixture(tiny_data):
@@ -2423,18 +2425,20 @@ def _run_args(data, out, *extra):
 def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, monkeypatch, capsys):
     # main as the recipe: every training, then per seed one gauntlet (the first seed draws the
     # figures), then results.json from what each step returned; the tasks themselves are stubbed
-    calls = {"gauntlet": [], "figures": [], "report": [], "stale": []}
+    calls = {"gauntlet": [], "figures": [], "report": [], "stale": [], "passed": [], "judge": []}
     def gauntlet(trained, data, args, seed, judge, device, out_dir, first):
         calls["gauntlet"].append((sorted(trained), seed, judge, out_dir, first, torch.get_num_threads()))
+        calls["passed"].append((data, args, device))
         return {"reconstruction_bce": {"shallow": float(seed), "pca": 2.0 * seed}}, {"seed": seed}
     monkeypatch.setattr(run, "run_gauntlet", gauntlet)
     judge = object()
-    monkeypatch.setattr(run, "get_judge", lambda data, args, device, out_dir: judge)
+    monkeypatch.setattr(run, "get_judge", lambda data, args, device, out_dir: calls["passed"].append(
+        (data, args, device)) or calls["judge"].append(out_dir) or judge)
     monkeypatch.setattr(report, "write_figures", lambda figs, data, args, out_dir: calls["figures"].append(
-        (figs, out_dir)))
+        (figs, out_dir)) or calls["passed"].append((data, args, torch.device("cpu"))))
     monkeypatch.setattr(report, "write_report", lambda results, out_dir: calls["report"].append(
         (results, out_dir)) or os.path.join(out_dir, "REPORT.md"))
-    monkeypatch.setattr(report, "remove_stale_figures", lambda out_dir, since: calls["stale"].append(out_dir))
+    monkeypatch.setattr(report, "remove_stale_figures", lambda out_dir, since: calls["stale"].append((out_dir, since)))
     argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1",
             "--models", "shallow", "--seeds", "2", "--jobs", "1", "--quick"]
     before = time.time()
@@ -2446,7 +2450,16 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
         (sort(keys), 42, judge, out, True, run.TASK_THREADS), (sort(keys), 43, judge, out, False, run.TASK_THREADS)]
     assert calls["figures"] == [({"seed": 42}, out)]                       # the first seed's figures
     results = json.loads((tmp_path / "mnist" / "results.json").read_text())
-    assert returned == results and calls["report"] == [(results, out)] and calls["stale"] == [out]
+    assert returned == results and calls["report"] == [(results, out)]
+    # the judge is cached in the run's folder; stale figures are those older than this run's start
+    [(stale_dir, since)] = calls["stale"]
+    assert calls["judge"] == [out] and stale_dir == out and before <= since <= time.time()
+    # one data set, one set of arguments and the run's device reach the judge, the gauntlet, the figures
+    data, args, device = calls["passed"][0]
+    assert "x_all" in data and args.models == ["shallow"] and device == torch.device("cpu")
+    assert all(d is data and a is args and dev == device for d, a, dev in calls["passed"]) and len(calls["passed"]) == 4
+    assert set(results) == {"config", "environment", "stages_seconds", "trainings", "finished", "metrics"}
+    assert before <= datetime.datetime.fromisoformat(results["finished"]).timestamp() + 1
     assert results["metrics"] == {"reconstruction_bce": {
         "shallow": {"mean": 42.5, "std": pytest.approx(np.std([42, 43], ddof=1)), "runs": [42.0, 43.0]},
         "pca": {"mean": 85.0, "std": pytest.approx(np.std([84, 86], ddof=1)), "runs": [84.0, 86.0]}}}
@@ -2730,8 +2743,11 @@ def test_run_test_labels_choose_nothing(tiny_data, monkeypatch):
     # epoch) must be the same whatever the test labels are, and must not be the test images.
     args, data = _tiny_run_data(tiny_data, "--quick")
     torch.manual_seed(0)
-    models = {"vanilla": ae.build("vanilla", 20).eval(), "vae": ae.build("vae", 20).eval()}
-    runs, real = [], {"linear_probe": tasks.linear_probe, "train_classifier": tasks.train_classifier}
+    models = {"vae": ae.build("vae", 20).eval()}           # a VAE: its sampled and its mean codes
+    # the probes themselves shortened (3 L2 strengths, 2 epochs): the test is about their inputs
+    from functools import partial
+    runs, real = [], {"linear_probe": partial(tasks.linear_probe, l2_grid=tasks.L2_GRID[::7]),
+                      "train_classifier": partial(tasks.train_classifier, epochs=2)}
     for y_test in (data["y_test"], np.random.default_rng(1).permutation(data["y_test"])):
         calls = _spy_probes(monkeypatch, real)
         shuffled = {**data, "y_test": y_test}
@@ -3071,6 +3087,44 @@ def test_load_data_default_folder_download_switch_and_fingerprint(tiny_data, mon
     assert data["fingerprint"] == hashlib.md5(images.tobytes()[:1 << 20] + labels.tobytes()).hexdigest()[:12]
     assert len(data["val_idx"]) == 60 and data["y_test"].dtype == np.int64      # a tenth of 600 validates
     np.testing.assert_array_equal(data["y_test"], test_labels)
+
+
+def test_task_classification_hands_quick_on_to_the_label_budgets(wiring, monkeypatch):
+    _, _, data = wiring
+    asked = []
+    monkeypatch.setattr(run, "_classify", lambda z_all, z_test, net, data, seed, quick: asked.append(quick) or ({}, {}))
+    models = {"shallow": _build("shallow", latent_dim=run.LATENT).eval()}
+    for quick in (True, False):
+        run.task_classification(models, data, WIRING_SEED, quick)
+    assert asked == [True, False]
+
+
+def test_fingerprint_hashes_the_first_mebibyte_of_images_and_every_label(wiring):
+    # the fingerprint names every checkpoint: its recipe must not change, or no checkpoint is reused
+    folder, _, data = wiring
+    images, labels, _, _ = mnist.load("mnist", root=str(folder), download=False)
+    assert images.nbytes > 1 << 20                             # 1,500 images: more than a MiB
+    assert data["fingerprint"] == hashlib.md5(images.tobytes()[:1 << 20] + labels.tobytes()).hexdigest()[:12]
+
+
+def test_classify_draws_each_label_budget_the_data_can_afford_and_curves_their_mean_and_std(wiring, monkeypatch):
+    _, _, data = wiring
+    y_train = data["y_all"][data["train_idx"]]
+    # keep 4 training images of class 0: budgets of 2 per class (20) still fit, 3 per class do not
+    zeros = data["train_idx"][y_train == 0]
+    small = {**data, "train_idx": np.setdiff1d(data["train_idx"], zeros[4:])}
+    accs = iter(np.arange(1, 100) / 100)
+    monkeypatch.setattr(run, "_converged_probe", lambda z_all, z_test, idx, data: float(next(accs)))
+    monkeypatch.setattr(run, "_articles_probe", lambda net, data, seed: 0.5)
+    monkeypatch.setattr(run, "LABEL_BUDGETS", (20, 30))
+    z = data["x_all"][:, :3]
+    for quick, draws in ((False, run.BUDGET_DRAWS), (True, run.QUICK["budget_draws"])):
+        scores, curve = run._classify(z, data["x_test"][:, :3], None, small, WIRING_SEED, quick)
+        assert set(curve) == {20} and "probe_accuracy_30_labels" not in scores
+        first = float(scores["probe_accuracy"])                # the 550-label probe drew one value
+        want = [first + (i + 1) / 100 for i in range(draws)]
+        assert curve[20] == (pytest.approx(np.mean(want)), pytest.approx(np.std(want)))
+        assert scores["probe_accuracy_20_labels"] == pytest.approx(np.mean(want))
 
 
 def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_itself(wiring, monkeypatch):
