@@ -4356,10 +4356,14 @@ def test_umap_smooth_knn_is_scale_equivariant_and_works_in_float64():
     np.testing.assert_array_equal(sigma32, sigma64)
 
 
+def _duplicated_points():
+    """60 random points in 3-D, then 4 more copies of the first and 20 of the second."""
+    x = np.random.default_rng(2).normal(size=(60, 3))
+    return np.concatenate([x, np.repeat(x[:1], 4, axis=0), np.repeat(x[1:2], 20, axis=0)])
+
+
 def test_umap_sigma_floor_is_a_fraction_of_the_points_mean_distance_or_the_global_one():
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(60, 3))
-    x = np.concatenate([x, np.repeat(x[:1], 4, axis=0), np.repeat(x[1:2], 20, axis=0)])
+    x = _duplicated_points()
     _, dist = umap_lite.knn(x, 9)
     rho, sigma = umap_lite.smooth_knn(dist, 10)
     # 5 copies: 4 zero distances and the nearest other point (excess 0) already sum past
@@ -4375,9 +4379,7 @@ def test_umap_sigma_floor_is_a_fraction_of_the_points_mean_distance_or_the_globa
 
 
 def test_umap_fuzzy_graph_drops_edges_whose_weight_underflows_to_zero():
-    rng = np.random.default_rng(2)
-    x = rng.normal(size=(60, 3))
-    x = np.concatenate([x, np.repeat(x[:1], 4, axis=0), np.repeat(x[1:2], 20, axis=0)])
+    x = _duplicated_points()
     idx, dist = umap_lite.knn(x, 9)
     rho, sigma = umap_lite.smooth_knn(dist, 10)
     n = len(x)
