@@ -44,6 +44,9 @@ INK_STRONG = 0.7                # |rank correlation| with ink from which a score
                                 # rho^2 ~ 0.5, ink alone orders half the variance of the score's ranks
 SAME_TIME_RATIO = 1.25          # training times within this factor count as "about equal"
 EVIDENCE_MAX_DIGITS = 6         # evidence: decimals enough for any two float32-derived values
+# the settings a report stands for: one made with others is replaced only with --replace
+REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "anomaly_digits",
+                   "anomaly_latents", "quick")
 PUBLISHED = {   # the article's MNIST table (single runs); its AUCs come from the signed score
     "reconstruction_bce": {"shallow": 123.2, "vanilla": 63.92, "stacked": 87.87, "sparse": 64.27,
                            "denoising": 75.15, "vae": 76.12, "beta_vae_strict": 86.12,
@@ -789,6 +792,25 @@ def _table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines) + "\n"
+
+
+def replace_problem(out_dir, settings):
+    """Why a new report made with `settings` may not replace the one in out_dir; None if it may.
+
+    A folder without results.json holds no report; a report counts as the same when its settings
+    agree on REPORT_SETTINGS (how a run ran, e.g. --jobs, is not what it reports).
+    """
+    path = os.path.join(out_dir, "results.json")
+    if not os.path.exists(path):
+        return None
+    try:
+        before = json.loads(pathlib.Path(path).read_text())["config"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"{path} cannot be read as a report"
+    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
+    changed = [f"{k} {show(before.get(k))} -> {show(settings[k])}" for k in REPORT_SETTINGS
+               if before.get(k) != settings[k]]
+    return f"{out_dir} holds a report made with other settings ({'; '.join(changed)})" if changed else None
 
 
 def read_results(folder):

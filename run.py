@@ -73,9 +73,6 @@ QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
 # 32) gain little from a second one, and where anything else runs, threads that wait for each
 # other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: workers.plan_jobs.
 TASK_THREADS = 1
-# the settings a report stands for: a report made with others is not replaced without --replace
-REPORT_SETTINGS = ("dataset", "models", "seeds", "epochs", "batch_size", "lr", "anomaly_digits",
-                   "anomaly_latents", "quick")
 OUT, QUICK_OUT = "runs", os.path.join("runs", "quick")   # git-ignored; results/ is written only on request
 
 
@@ -165,7 +162,11 @@ def preflight(args):
         sys.exit(f"run.py: error: --device: {err}")
     out_dir = os.path.join(args.out, args.dataset)
     _check_writable(out_dir)
-    _check_replace(out_dir, args)
+    if not args.replace:        # a report made with other settings is replaced only on request
+        import report           # here, not at the top: report.py reads this file's constants
+        problem = report.replace_problem(out_dir, {**vars(args), "seeds": seeds_of(args)})
+        if problem:
+            sys.exit(f"run.py: error: {problem}; choose another --out, or pass --replace to replace it")
     return device
 
 
@@ -182,25 +183,6 @@ def _check_writable(folder):
     except OSError as err:
         sys.exit(f"run.py: error: --out: cannot write in {existing} ({err.strerror or err}); "
                  "choose another --out")
-
-
-def _check_replace(out_dir, args):
-    """Exit with one line if out_dir holds a report made with other settings, unless --replace."""
-    path = os.path.join(out_dir, "results.json")
-    if args.replace or not os.path.exists(path):
-        return
-    try:
-        before = json.loads(pathlib.Path(path).read_text())["config"]
-    except (OSError, ValueError, KeyError, TypeError):
-        sys.exit(f"run.py: error: {path} cannot be read as a report; choose another --out, or "
-                 "pass --replace to replace it")
-    now = {**vars(args), "seeds": seeds_of(args)}
-    show = lambda v: ",".join(map(str, v)) if isinstance(v, list) else str(v)
-    changed = [f"{k} {show(before.get(k))} -> {show(now[k])}" for k in REPORT_SETTINGS
-               if before.get(k) != now[k]]
-    if changed:
-        sys.exit(f"run.py: error: {out_dir} holds a report made with other settings "
-                 f"({'; '.join(changed)}); choose another --out, or pass --replace to replace it")
 
 
 # ---- data
@@ -275,7 +257,12 @@ def train_all(jobs, data, args, device):
     progress = workers.Progress(todo)
     if n_jobs == 1:
         for job in todo:
-            _train_or_exit(job, data, device, progress)
+            try:
+                train_one(job, data, device, lambda info, label=job["label"]: progress.epoch(label, info))
+            except workers.EXPECTED as err:
+                workers.STATUS.end()
+                sys.exit(f"run.py: error: {job['label']}: {err}")
+            progress.finished(job["label"])
     else:
         print(f"training {len(todo)} models, {n_jobs} at a time, {threads} thread(s) each", flush=True)
         try:    # each worker loads the data itself: spawned processes share nothing
@@ -302,15 +289,6 @@ def train_one(job, data, device, progress=None):
     # float rounding, though 60 epochs grow that to about seed-spread size (README, Reproducibility)
     ae.save(model, job["path"], meta={"settings": s, "history": history,
                                       "threads": torch.get_num_threads()})
-
-
-def _train_or_exit(job, data, device, progress):
-    try:
-        train_one(job, data, device, lambda info: progress.epoch(job["label"], info))
-    except workers.EXPECTED as err:
-        workers.STATUS.end()
-        sys.exit(f"run.py: error: {job['label']}: {err}")
-    progress.finished(job["label"])
 
 
 def _finished(job):
@@ -588,7 +566,6 @@ def cached_embedding(out_dir, name, z, seed, n_epochs):
     if os.path.exists(path):
         return np.load(path)
     emb = umap_lite.embed(z, seed=seed, n_epochs=n_epochs)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tasks.write_atomically(path, lambda tmp: np.save(tmp, emb))
     return emb
 
@@ -604,7 +581,6 @@ def get_judge(data, args, device, out_dir):
         return judge.eval()
     idx = data["train_idx"]
     judge = tasks.train_judge(data["x_all"][idx], data["y_all"][idx], epochs=epochs, device=device)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     tasks.write_atomically(path, lambda tmp: torch.save(judge.state_dict(), tmp))
     return judge
 
