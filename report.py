@@ -97,9 +97,8 @@ def audit(m, names, digits):
     Verdicts: confirmed (holds in every seed), not confirmed (in none), depends, or not run (the
     evidence says what the run lacks). A check that reads a missing metric raises KeyError.
     """
-    n_seeds = len(m["reconstruction_bce"][names[0]]["runs"])
-    per_seed = [{metric: {n: v["runs"][i] for n, v in by_model.items() if len(v["runs"]) > i}
-                 for metric, by_model in m.items()} for i in range(n_seeds)]
+    per_seed = _per_seed(m, names)
+    n_seeds = len(per_seed)
     present = set(names) | {n for by_model in m.values() for n in by_model}   # and the references
     rows = []
     for claim, needed, needs, check in CLAIMS:
@@ -193,11 +192,11 @@ def claim_loose_best_vae(s, names, digits):
 
 def claim_anomaly_order(s, names, digits, metric):
     order = _ranked(s, metric, names)[::-1]
-    return order[:2] == ["shallow", "stacked"], _listed(s[metric], order[:3], 3)
+    return _articles_order(s, metric, names), _listed(s[metric], order[:3], 3)
 
 
 def claim_anomaly_order_every_digit(s, names, digits, metric):
-    held = [d for d in digits if _ranked(s, f"{metric}_digit_{d}", names)[::-1][:2] == ["shallow", "stacked"]]
+    held = [d for d in digits if _articles_order(s, f"{metric}_digit_{d}", names)]
     firsts = ", ".join(f"{d}: {_ranked(s, f'{metric}_digit_{d}', names)[-1]}" for d in digits)
     return len(held) == len(digits), f"holds for {len(held)} of {len(digits)} digits (best: {firsts})"
 
@@ -207,7 +206,7 @@ def claim_anomaly_order_every_latent(s, names, digits, metric):
     key = lambda z: f"{metric}_digit_{ANOMALY_DIGIT}" + ("" if z == LATENT_ANOMALY else f"_z{z}")
     tops = {z: _ranked(s, key(z), names)[::-1][:2] for z in latents}
     rho = tasks.spearman([s[key(latents[0])][n] for n in names], [s[key(latents[-1])][n] for n in names])
-    return (all(t == ["shallow", "stacked"] for t in tops.values()),
+    return (all(_articles_order(s, key(z), names) for z in latents),
             "; ".join(f"z={z}: {', '.join(f'{n} {s[key(z)][n]:.3f}' for n in t)}" for z, t in tops.items())
             + f"; rank correlation z={latents[0]} vs z={latents[-1]} {rho:.2f}")
 
@@ -383,6 +382,18 @@ def _listed(values, names, digits):
 def _ranked(s, metric, names):
     """names sorted by one seed's value of metric, lowest first."""
     return sorted(names, key=lambda n: s[metric][n])
+
+
+def _articles_order(s, metric, names):
+    """The article's anomaly order in one seed's numbers: shallow best, stacked second."""
+    return _ranked(s, metric, names)[::-1][:2] == ["shallow", "stacked"]
+
+
+def _per_seed(m, names):
+    """results.json's metrics -> one {metric: {model: value}} per seed."""
+    n_seeds = len(m["reconstruction_bce"][names[0]]["runs"])
+    return [{metric: {n: v["runs"][i] for n, v in by_model.items() if len(v["runs"]) > i}
+             for metric, by_model in m.items()} for i in range(n_seeds)]
 
 
 def _anomaly_latents(s):
@@ -626,6 +637,18 @@ def report_anomaly_sweep(m, names, cfg, out_dir):
                  + ([f"{np.mean(ranks[n]):.1f}"] if higher else []) for n in rows_here]
         text += (f"\n{title}:\n\n"
                  + _table(["model"] + [str(d) for d in digits] + (["mean rank"] if higher else []), table))
+    scope = [n for n in names if n in ARTICLE_MODELS]     # whom the article's claim ranks
+    if {"shallow", "stacked"} <= set(scope):
+        per_seed = _per_seed(m, names)
+        text += (f"\nThe article's order (shallow best, stacked second among its contestants): in how "
+                 f"many of the {len(per_seed)} seeds it holds, per held-out digit.\n\n"
+                 + _table(["score"] + [str(d) for d in digits] + ["digits, every seed"],
+                          [[label] + [str(sum(_articles_order(s, f"{metric}_digit_{d}", scope)
+                                              for s in per_seed)) for d in digits]
+                           + [str(sum(all(_articles_order(s, f"{metric}_digit_{d}", scope) for s in per_seed)
+                                      for d in digits))]
+                           for metric, label in [("anomaly_auc", "summed BCE"),
+                                                 ("anomaly_auc_signed_score", "signed score")]]))
     panels = {title: np.array([[mean(metric, d, n) for d in digits] for n in shown])
               for metric, title in [("anomaly_auc", "AUROC, summed BCE"),
                                     ("anomaly_auc_signed_score", "AUROC, signed score")]}

@@ -5294,6 +5294,38 @@ def test_report_renders_every_section_from_results_alone(tmp_path):
     assert "± " not in text1[text1.index("## Summary"):text1.index("## Reconstruction")]   # one run: no spread
 
 
+def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_path):
+    # three digits, three seeds; ink and pca are rows (ranked) but never the bold best contestant
+    bce = {"shallow": [[.9] * 3, [.9] * 3, [.6] * 3], "stacked": [[.8] * 3, [.8] * 3, [.9] * 3],
+           "vq": [[.7] * 3, [.7, .7, .95], [.5] * 3], "pca": [[.85] * 3, [.85] * 3, [.55] * 3],
+           "ink": [[.95] * 3, [.5] * 3, [.4] * 3]}
+    signed = {**bce, "shallow": bce["stacked"][:1] + bce["shallow"][1:],      # digit 0: stacked first
+              "stacked": bce["shallow"][:1] + bce["stacked"][1:]}
+    values = {"reconstruction_bce": {n: [1.0] * 3 for n in bce}}
+    for d in range(3):
+        values[f"anomaly_auc_digit_{d}"] = {n: v[d] for n, v in bce.items()}
+        values[f"anomaly_auc_signed_score_digit_{d}"] = {n: v[d] for n, v in signed.items()}
+        values[f"anomaly_auprc_digit_{d}"] = {n: v[d] for n, v in bce.items()}
+        for rho in ("anomaly_ink_spearman", "anomaly_ink_spearman_signed_score"):
+            values[f"{rho}_digit_{d}"] = {n: [0.1] * 3 for n in bce if n != "ink"}
+    text = report.report_anomaly_sweep(_metrics(values), ["shallow", "stacked", "vq"],
+                                       {"anomaly_digits": [0, 1, 2]}, str(tmp_path))
+    auroc = text[text.index("AUROC, summed BCE:"):text.index("AUROC, signed score:")]
+    # mean ranks among all five rows (1 = best): shallow 2, 1, 2; stacked 4, 3, 1; vq 5, 4, 4;
+    # pca 3, 2, 3; ink 1, 5, 5
+    assert "| shallow | **0.900 ± 0.000** | **0.900 ± 0.000** | 0.600 ± 0.000 | 1.7 |" in auroc
+    assert "| stacked | 0.800 ± 0.000 | 0.800 ± 0.000 | **0.900 ± 0.000** | 2.7 |" in auroc
+    assert "| vq | 0.700 ± 0.000 | 0.783 ± 0.144 | 0.500 ± 0.000 | 4.3 |" in auroc
+    assert "| *pca (reference)* | 0.850 ± 0.000 | 0.850 ± 0.000 | 0.550 ± 0.000 | 2.7 |" in auroc
+    assert "| *ink (reference)* | 0.950 ± 0.000 | 0.500 ± 0.000 | 0.400 ± 0.000 | 3.7 |" in auroc
+    rho = text[text.index("ρ with ink, summed BCE:"):text.index("ρ with ink, signed score:")]
+    assert "ink" not in rho.split("\n", 1)[1] and "mean rank" not in rho and "**" not in rho
+    # seeds in which shallow is best and stacked second: digit 1 fails in the third seed (vq)
+    assert "| summed BCE | 3 | 2 | 0 | 1 |" in text and "| signed score | 0 | 2 | 0 | 0 |" in text
+    assert (tmp_path / "anomaly_digits.png").exists()
+    assert report.report_anomaly_sweep(_metrics(values), ["shallow"], {"anomaly_digits": [1]}, str(tmp_path)) == ""
+
+
 def test_report_settings_tell_requested_from_used():
     results = {"config": {"device": None, "jobs": None, "epochs": 3},
                "environment": {"device": "cpu", "jobs": 2, "torch": "2"}, "stages_seconds": {"total": 5.0}}
