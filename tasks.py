@@ -1042,14 +1042,14 @@ def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
     plt = _pyplot()
     n_rows, n_cols = len(row_names), len(col_names)
     fig, axes = plt.subplots(1, len(panels), figsize=(0.55 * n_cols * len(panels) + 2.5, 0.36 * n_rows + 1.4),
-                             squeeze=False)
+                             squeeze=False, sharey=True)
+    axes[0, 0].set_yticks(range(n_rows), row_names, fontsize=8)   # the rows' names once, at the left
     for ax, (title, values) in zip(axes[0], panels.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), v in np.ndenumerate(values):   # dark text on light cells, white on the saturated
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
                     color="white" if abs(v - (vmin + vmax) / 2) > 0.3 * (vmax - vmin) else "black")
         ax.set_xticks(range(n_cols), col_names, fontsize=8)
-        ax.set_yticks(range(n_rows), row_names, fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.colorbar(image, ax=axes[0].tolist(), fraction=0.03)
     _savefig(fig, path)
