@@ -639,16 +639,13 @@ def report_anomaly_sweep(m, names, cfg, out_dir):
                  + _table(["model"] + [str(d) for d in digits] + (["mean rank"] if higher else []), table))
     scope = [n for n in names if n in ARTICLE_MODELS]     # whom the article's claim ranks
     if {"shallow", "stacked"} <= set(scope):
-        per_seed = _per_seed(m, names)
+        per_seed, rows = _per_seed(m, names), []
+        for metric, label in [("anomaly_auc", "summed BCE"), ("anomaly_auc_signed_score", "signed score")]:
+            holds = [[_articles_order(s, f"{metric}_digit_{d}", scope) for s in per_seed] for d in digits]
+            rows.append([label] + [str(sum(h)) for h in holds] + [str(sum(map(all, holds)))])
         text += (f"\nThe article's order (shallow best, stacked second among its contestants): in how "
                  f"many of the {len(per_seed)} seeds it holds, per held-out digit.\n\n"
-                 + _table(["score"] + [str(d) for d in digits] + ["digits, every seed"],
-                          [[label] + [str(sum(_articles_order(s, f"{metric}_digit_{d}", scope)
-                                              for s in per_seed)) for d in digits]
-                           + [str(sum(all(_articles_order(s, f"{metric}_digit_{d}", scope) for s in per_seed)
-                                      for d in digits))]
-                           for metric, label in [("anomaly_auc", "summed BCE"),
-                                                 ("anomaly_auc_signed_score", "signed score")]]))
+                 + _table(["score"] + [str(d) for d in digits] + ["digits, every seed"], rows))
     panels = {title: np.array([[mean(metric, d, n) for d in digits] for n in shown])
               for metric, title in [("anomaly_auc", "AUROC, summed BCE"),
                                     ("anomaly_auc_signed_score", "AUROC, signed score")]}
