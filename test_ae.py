@@ -3215,16 +3215,20 @@ def test_claim_pca_first_try_margin_both_sides():
                          "contestant (summed BCE)")[0] is holds
 
 
-def test_claim_pca_first_try_over_two_digits_uses_their_mean():
-    # with a sweep (here two digits) the claim judges the mean over the digits, not digit 1 alone
+def test_claim_pca_first_try_over_the_digits_uses_their_mean():
+    # with a sweep the claim judges the mean over the digits, not digit 1 alone; the evidence
+    # counts the digits where pca is within the margin of the best
     claim = "PCA is a good first try for anomaly detection: within 0.02 of the best contestant (summed BCE)"
     base = {n: 0.5 for n in ae.MODELS}
     s = {"anomaly_auc": {**base, "vq": 0.9, "pca": 0.9},                          # digit 1: pca level
          "anomaly_auc_digit_1": {**base, "vq": 0.9, "pca": 0.9},
-         "anomaly_auc_digit_3": {**base, "vq": 0.9, "pca": 0.7}}                  # digit 3: far behind
+         "anomaly_auc_digit_3": {**base, "vq": 0.9, "pca": 0.7},                  # digit 3: far behind
+         "anomaly_auc_digit_5": {**base, "vq": 0.9, "pca": 0.885},                # within the margin
+         "anomaly_auc_digit_7": {**base, "vq": 0.9, "pca": 0.9 - report.CLEAR_MARGIN - 1e-6}}  # just out
     holds, evidence = _claim(s, claim, digits=[1, 3])
     assert holds is False and evidence == ("pca 0.800, shallow 0.500, best vq 0.900 "
                                            "(means over 2 digits; pca close to the best for 1)")
+    assert _claim(s, claim, digits=[1, 5, 7])[1].endswith("(means over 3 digits; pca close to the best for 2)")
     assert _claim(s, claim, digits=[1]) == (True, "pca 0.900, shallow 0.500, best vq 0.900")
 
 
