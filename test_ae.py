@@ -5300,7 +5300,7 @@ def test_report_renders_every_section_from_results_alone(tmp_path):
     assert "± " not in text1[text1.index("## Summary"):text1.index("## Reconstruction")]   # one run: no spread
 
 
-def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_path):
+def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_path, monkeypatch):
     # three digits, three seeds; ink and pca are rows (ranked) but never the bold best contestant
     bce = {"shallow": [[.9] * 3, [.9] * 3, [.6] * 3], "stacked": [[.8] * 3, [.8] * 3, [.9] * 3],
            "vq": [[.7] * 3, [.7, .7, .95], [.5] * 3], "pca": [[.85] * 3, [.85] * 3, [.55] * 3],
@@ -5314,8 +5314,17 @@ def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_
         values[f"anomaly_auprc_digit_{d}"] = {n: v[d] for n, v in bce.items()}
         for rho in ("anomaly_ink_spearman", "anomaly_ink_spearman_signed_score"):
             values[f"{rho}_digit_{d}"] = {n: [0.1] * 3 for n in bce if n != "ink"}
+    heatmaps = []
+    plot = tasks.plot_heatmaps
+    monkeypatch.setattr(tasks, "plot_heatmaps", lambda *a: (heatmaps.append(a), plot(*a)))
     text = report.report_anomaly_sweep(_metrics(values), ["shallow", "stacked", "vq"],
                                        {"anomaly_digits": [0, 1, 2]}, str(tmp_path))
+    # the heatmap: both scores' seed means, models by digits, the references named as such
+    (panels, row_names, col_names, _), = heatmaps
+    assert row_names == ["shallow", "stacked", "vq", "pca (ref)", "ink (ref)"] and col_names == ["0", "1", "2"]
+    for title, by_model in [("AUROC, summed BCE", bce), ("AUROC, signed score", signed)]:
+        expected = [[np.mean(by_model[n][d]) for d in range(3)] for n in ["shallow", "stacked", "vq", "pca", "ink"]]
+        np.testing.assert_allclose(panels[title], expected)
     auroc = text[text.index("AUROC, summed BCE:"):text.index("AUROC, signed score:")]
     # mean ranks among all five rows (1 = best): shallow 2, 1, 2; stacked 4, 3, 1; vq 5, 4, 4;
     # pca 3, 2, 3; ink 1, 5, 5
@@ -5330,6 +5339,25 @@ def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_
     assert "| summed BCE | 3 | 2 | 0 | 1 |" in text and "| signed score | 0 | 2 | 0 | 0 |" in text
     assert (tmp_path / "anomaly_digits.png").exists()
     assert report.report_anomaly_sweep(_metrics(values), ["shallow"], {"anomaly_digits": [1]}, str(tmp_path)) == ""
+
+
+def test_report_latent_size_table_has_every_row_at_every_latent():
+    # digit 1 at latent 2 (the plain metric names) against latent 20 (`_z20`), both scores
+    values = {"reconstruction_bce": {"shallow": [1.0, 1.0], "vq": [1.0, 1.0]}}
+    for suffix, shift in [("", 0.0), ("_z20", 0.1)]:
+        values[f"anomaly_auc_digit_1{suffix}"] = {"shallow": [0.2 + shift] * 2, "vq": [0.4 + shift] * 2,
+                                                  "pca": [0.3 + shift] * 2, "ink": [0.075] * 2}
+        values[f"anomaly_auc_signed_score_digit_1{suffix}"] = {"shallow": [0.9 - shift] * 2, "vq": [0.7 - shift] * 2,
+                                                               "pca": [0.8 - shift] * 2, "ink": [0.925] * 2}
+    text = report.report_anomaly_latents(_metrics(values), ["shallow", "vq"], {"anomaly_latents": [2, 20]})
+    rows = [r for r in text.splitlines() if r.startswith("|")]
+    assert rows[0] == "| model | AUROC z=2 | AUROC z=20 | AUROC signed z=2 | AUROC signed z=20 |"
+    assert rows[2:] == ["| shallow | 0.200 ± 0.000 | 0.300 ± 0.000 | 0.900 ± 0.000 | 0.800 ± 0.000 |",
+                        "| vq | 0.400 ± 0.000 | 0.500 ± 0.000 | 0.700 ± 0.000 | 0.600 ± 0.000 |",
+                        "| *pca (reference)* | 0.300 ± 0.000 | 0.400 ± 0.000 | 0.800 ± 0.000 | 0.700 ± 0.000 |",
+                        "| *ink (reference)* | 0.075 ± 0.000 | 0.075 ± 0.000 | 0.925 ± 0.000 | 0.925 ± 0.000 |"]
+    assert report.report_anomaly_latents(_metrics(values), ["shallow", "vq"], {"anomaly_latents": [2]}) == ""
+    assert report.report_anomaly_latents(_metrics(values), ["shallow", "vq"], {}) == ""
 
 
 def test_report_settings_tell_requested_from_used():
