@@ -3253,6 +3253,9 @@ def test_claim_anomaly_order_every_digit_needs_all_of_them():
         ok, evidence = _claim(s, "The anomaly order (shallow best, stacked second) is stable for every "
                                  "held-out digit (summed BCE)", digits=digits)
         assert ok is holds and f"holds for {n_good} of 10 digits" in evidence
+        # the evidence names each digit's best model
+        assert evidence.endswith("(best: " + ", ".join(f"{d}: {'shallow' if d < n_good else 'vq'}"
+                                                      for d in digits) + ")")
     row = _audit_row([_claims_seed()], "The anomaly order (shallow best, stacked second) is stable for "
                      "every held-out digit (summed BCE)", digits=[1])
     assert row[1:] == ["not run", "one held-out digit; run with --anomaly-digits all"]
@@ -3266,7 +3269,13 @@ def test_claim_anomaly_order_every_latent():
     assert _audit_row([one], claim)[1:] == ["not run", "one latent size; run with --anomaly-latents 2,20"]
     assert _claim({"anomaly_auc_digit_1": good, "anomaly_auc_digit_1_z20": good}, claim)[0] is True
     swapped = {**good, "stacked": 0.95}
-    assert _claim({"anomaly_auc_digit_1": good, "anomaly_auc_digit_1_z20": swapped}, claim)[0] is False
+    holds, evidence = _claim({"anomaly_auc_digit_1": good, "anomaly_auc_digit_1_z20": swapped}, claim)
+    # the evidence: each latent's top two, and the rank correlation of the two orders (the seven
+    # tied at 0.5 share a rank; only shallow and stacked trade places)
+    rho = tasks.spearman([good[n] for n in names], [swapped[n] for n in names])
+    assert holds is False and f"{rho:.2f}" == "0.97" and evidence == (
+        f"z=2: shallow 0.900, stacked 0.800; z=20: stacked 0.950, shallow 0.900; "
+        f"rank correlation z=2 vs z=20 {rho:.2f}")
 
 
 def test_claim_beat_pixels_majority_both_sides():
