@@ -1457,6 +1457,13 @@ def test_frechet_distance_known_values():
     assert abs(tasks.frechet_distance(a, a)) < 1e-6
 
 
+def test_psd_square_root_clips_negative_eigenvalues():
+    # a covariance product that rounding pushed below zero: its negative part has no real root
+    q, _ = np.linalg.qr(np.random.default_rng(2).normal(size=(3, 3)))
+    root = tasks._sqrtm_psd(q @ np.diag([4.0, 1.0, -0.01]) @ q.T)
+    np.testing.assert_allclose(root, q @ np.diag([2.0, 1.0, 0.0]) @ q.T, atol=1e-12)
+
+
 def test_frechet_distance_needs_two_rows_each_and_equal_widths():
     rng = np.random.default_rng(1)
     two, many = rng.normal(size=(2, 3)), rng.normal(size=(50, 3))
