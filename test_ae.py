@@ -496,6 +496,11 @@ def test_mnist_split_drop_probe():
         mnist.split_indices(np.array([0, 1, 1, 3]), n_val=1)
     with pytest.warns(UserWarning, match="nothing removed"):
         mnist.drop_class(kept, labels, 1)
+    with pytest.warns(UserWarning, match="nothing removed"):               # a single index too
+        np.testing.assert_array_equal(mnist.drop_class(np.array([2]), labels, 1), [2])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                     # the digit there: no warning
+        assert len(mnist.drop_class(np.array([1]), labels, 1)) == 0
 
 
 def test_mnist_split_without_validation_and_the_size_limits_at_their_boundaries(tmp_path, monkeypatch):
