@@ -5363,7 +5363,7 @@ def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_
 
 
 def test_report_latent_size_table_has_every_row_at_every_latent():
-    # digit 1 at latent 2 (the plain metric names) against latent 20 (`_z20`), both scores
+    # digit 1 at latent 2 (`_digit_1`) against latent 20 (`_digit_1_z20`), both scores
     values = {"reconstruction_bce": {"shallow": [1.0, 1.0], "vq": [1.0, 1.0]}}
     for suffix, shift in [("", 0.0), ("_z20", 0.1)]:
         values[f"anomaly_auc_digit_1{suffix}"] = {"shallow": [0.2 + shift] * 2, "vq": [0.4 + shift] * 2,
