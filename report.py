@@ -436,12 +436,19 @@ def report_header(results, article):
         lines.append(f"> **Shortened run: {cfg['epochs']} epochs instead of the article's {EPOCHS}.** "
                      "Differences from the published numbers are expected.\n")
     n_seeds, reused = len(cfg["seeds"]), sum(t["reused"] for t in trained)
+    cells = [t for t in trained if "scored" in t]
+    from_checkpoints = sum(t["reused"] for t in trained if "scored" not in t)
+    scorers = sorted({f"{c['scored']['git_commit'][:7]}{' (dirty)' if c['scored']['git_dirty'] else ''} on "
+                      f"{c['scored']['gpu'] or c['scored']['cpu']}" for c in cells if c["scored"]["git_commit"]})
     lines.append(
         f"`{cfg['command']}` finished {results['finished']} in {workers.hms(results['stages_seconds']['total'])} "
         f"on {env['gpu'] or env['cpu']} ({env['device']}); its {len(trained)} trainings took "
         f"{workers.hms(sum(t['seconds'] for t in trained))} of training time in all. "
-        + (f"{reused} of them were reused from checkpoints of an earlier run with the same settings. "
-           if reused else "")
+        + (f"{from_checkpoints} of them were reused from checkpoints of an earlier run with the same settings. "
+           if from_checkpoints else "")
+        + (f"The sweep's {len(cells)} anomaly-only trainings enter as their scores in "
+           f"`anomaly_cells.json`, each made right after its training (scored by "
+           f"{'; '.join(scorers) or 'an unknown commit'}). " if cells else "")
         + (f"This run trained {len(trained) - reused}, {env['jobs']} at a time with "
            f"{env['threads_per_job']} torch thread(s) each. " if reused < len(trained) else "")
         + f"{n_seeds} run(s) per training (seeds {', '.join(map(str, cfg['seeds']))}); "

@@ -9,7 +9,9 @@
 Writes <out>/<dataset>/results.json, REPORT.md and the figures beside it (<out>: runs, or
 runs/quick with --quick; the committed reports are in results). Finished trainings are
 kept as checkpoints (with the settings that produced them) and reused when run.py runs again with
-the same settings, so an interrupted run continues where it stopped.
+the same settings, so an interrupted run continues where it stopped. The anomaly sweep's own
+trainings are scored as soon as they finish and kept as numbers in anomaly_cells.json beside
+results.json, which a later run reuses without their checkpoints.
 
 The recipe, as `main` follows it (PROTOCOL.md has every detail):
     1. load the data and split it as the companion code did
@@ -27,6 +29,7 @@ Skip the command-line checks, the checkpoint bookkeeping and the signal handling
 """
 
 import argparse
+import contextlib
 import datetime
 import functools
 import hashlib
@@ -58,6 +61,16 @@ EPOCHS = 60                     # the article's training length
 LATENT, LATENT_ANOMALY = 20, 2  # the two trainings per contestant
 ANOMALY_DIGIT = 1               # the article's held-out class
 PIXELS = "pixels"               # the row of the raw-pixel references: not a contestant
+# The sweep's anomaly-only trainings (every digit but the article's at latent 2, the article's
+# digit at the other latent sizes) serve one task, so each is scored right after it is trained
+# and its numbers are kept here, in the output folder: a few kB that can be committed with the
+# results and carried to another machine, where a checkpoint of megabytes cannot go (README).
+CELLS = "anomaly_cells.json"
+ANOMALY_METRICS = ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score",
+                   "anomaly_ink_spearman", "anomaly_ink_spearman_signed_score")
+CELLS_ABOUT = ("The anomaly-only trainings of run.py's sweep, each scored right after its training: "
+               "run.py reuses a cell whose settings match, as it reuses a checkpoint")
+CELL_PROVENANCE = ("git_commit", "git_dirty", "cpu", "gpu", "device", "torch")   # what scored a cell
 N_PROBE = 550                   # labelled images for the classification probes
 LABEL_BUDGETS = (10, 100, 550, 5500)
 BUDGET_DRAWS = 3                # stratified draws per label budget
@@ -167,6 +180,7 @@ def preflight(args):
         problem = report.replace_problem(out_dir, {**vars(args), "seeds": seeds_of(args)})
         if problem:
             sys.exit(f"run.py: error: {problem}; choose another --out, or pass --replace to replace it")
+    read_cells(os.path.join(out_dir, CELLS))    # a damaged file stops the run here, not after the data
     return device
 
 
@@ -243,16 +257,35 @@ def anomaly_trainings(args):
             + [(z, ANOMALY_DIGIT) for z in args.anomaly_latents if z != LATENT_ANOMALY])
 
 
-def train_all(jobs, data, args, device):
+def train_all(jobs, data, args, device, cells=None, env=None):
     """Train what no checkpoint holds yet, then load every job's model from its checkpoint.
 
-    Returns ({(model, latent, seed, digit): (model, meta)}, {"jobs": N, "threads_per_job": T}).
+    cells: the path of the sweep's scored cells (CELLS), or None to keep none. With it, an
+    anomaly-only job (sweep_only) that the file holds with the job's settings is neither trained
+    nor loaded: its numbers come from the file. Every other anomaly-only job is scored as soon as
+    its model is there and added to the file (env: the provenance kept with each cell); such jobs
+    train first, so that an interrupted run leaves the most behind in the file.
+    Returns ({(model, latent, seed, digit): (model, meta)}, {"jobs": N, "threads_per_job": T});
+    a cell's model is None and its meta has the cell's "anomaly" numbers.
     """
+    kept = read_cells(cells) if cells else {}
     for job in jobs:
-        job["reused"] = _finished(job)
+        job["cell"] = cells is not None and sweep_only(job["settings"])
+        cell = kept.get(os.path.basename(job["path"])) if job["cell"] else None
+        scored = (cell is not None and cell["settings"] == job["settings"]
+                  and sorted(cell["anomaly"]) == sorted(ANOMALY_METRICS))
+        job["reused"] = scored or _finished(job)
         if job["reused"]:
-            print(f"{job['label']} | reused checkpoint", flush=True)
-    todo = [job for job in jobs if not job["reused"]]
+            print(f"{job['label']} | reused {'scores' if scored else 'checkpoint'}", flush=True)
+        if job["cell"] and job["reused"] and not scored:    # a checkpoint not scored yet
+            _score_cell(job, data, kept, cells, env)
+    todo = sorted((job for job in jobs if not job["reused"]), key=lambda job: not job["cell"])
+    by_label = {job["label"]: job for job in todo}
+
+    def done(label):
+        if by_label[label]["cell"]:
+            _score_cell(by_label[label], data, kept, cells, env)
+
     n_jobs, threads = workers.plan_jobs(args.jobs, len(todo), device)
     progress = workers.Progress(todo)
     if n_jobs == 1:
@@ -263,17 +296,53 @@ def train_all(jobs, data, args, device):
                 workers.STATUS.end()
                 sys.exit(f"run.py: error: {job['label']}: {err}")
             progress.finished(job["label"])
+            done(job["label"])
     else:
         print(f"training {len(todo)} models, {n_jobs} at a time, {threads} thread(s) each", flush=True)
         try:    # each worker loads the data itself: spawned processes share nothing
             workers.train_in_workers(todo, functools.partial(load_data, args), train_one, device,
-                                     n_jobs, threads, progress)
+                                     n_jobs, threads, progress, done)
         except workers.TrainingFailed as err:
             workers.STATUS.end()
             sys.exit(f"run.py: error: {err}")
     workers.STATUS.end()
-    trained = {_key(job): ae.load(job["path"], device=device) for job in jobs}
+    trained = {_key(job): (None, kept[os.path.basename(job["path"])]) if job["cell"]
+               else ae.load(job["path"], device=device) for job in jobs}
     return trained, {"jobs": n_jobs, "threads_per_job": threads}
+
+
+def sweep_only(settings):
+    """Whether a training serves the anomaly task alone: every held-out digit's model but the
+    article's setting (digit 1 at latent 2), whose models the latent-structure task uses too."""
+    digit = settings["held_out_digit"]
+    return digit is not None and (settings["latent_dim"], digit) != (LATENT_ANOMALY, ANOMALY_DIGIT)
+
+
+def read_cells(path):
+    """{checkpoint file name: cell} from CELLS, {} if there is none; a damaged file stops the run."""
+    if not os.path.exists(path):
+        return {}
+    try:
+        cells = json.loads(pathlib.Path(path).read_text())["cells"]
+        if not all({"settings", "anomaly", "history"} <= set(c) for c in cells.values()):
+            raise ValueError("a cell lacks its settings, scores or training time")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        sys.exit(f"run.py: error: {path} cannot be read ({err}); restore it from git, or delete it "
+                 "to train its cells again")
+    return cells
+
+
+def _score_cell(job, data, kept, path, env):
+    """Score an anomaly-only job's model, add it to `kept` and rewrite the file atomically."""
+    model, meta = ae.load(job["path"])
+    s = job["settings"]
+    with _threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
+        row = anomaly_row(model, data, s["held_out_digit"], s["seed"])
+    kept[os.path.basename(job["path"])] = {
+        "settings": s, "anomaly": row, "history": {"seconds": meta["history"]["seconds"]},
+        "threads": meta.get("threads"), "scored": {k: (env or {}).get(k) for k in CELL_PROVENANCE}}
+    body = json.dumps({"about": CELLS_ABOUT, "cells": dict(sorted(kept.items()))}, indent=1)
+    tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(body))
 
 
 def train_one(job, data, device, progress=None):
@@ -304,6 +373,17 @@ def _key(job):
     return s["model"], s["latent_dim"], s["seed"], s["held_out_digit"]
 
 
+@contextlib.contextmanager
+def _threads(n):
+    """torch's thread count set to n for the block, then back to what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def seeds_of(args):
     return [FIRST_SEED + i for i in range(args.seeds)]
 
@@ -314,7 +394,8 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
     """All tasks for one seed: ({metric: {model: value}}, {task: what its figures show})."""
     names = args.models + list(ae.REFERENCES)      # the contestants, then the references
     models = workers.Announced({n: trained[(n, LATENT, seed, None)][0] for n in names})
-    anomaly = {(z, d): workers.Announced({n: trained[(n, z, seed, d)][0] for n in names})
+    cell = lambda model, meta: meta["anomaly"] if model is None else model    # a kept cell: its numbers
+    anomaly = {(z, d): workers.Announced({n: cell(*trained[(n, z, seed, d)]) for n in names})
                for z, d in anomaly_trainings(args)}
     m = {"training_seconds": {n: trained[(n, LATENT, seed, None)][1]["history"]["seconds"]
                               for n in names}}
@@ -437,7 +518,8 @@ def task_anomaly(anomaly, data, seed):
     the direction of the signed score (sum(x_hat) - ink); the summed BCE's direction, high ink,
     gets exactly 1 - that AUROC. Keys: `<metric>_digit_<d>` for every (latent 2) digit,
     `..._z<latent>` for the other latent sizes, and the plain `<metric>` for the article's digit
-    at latent 2. Returns the ROC curves of the article's setting to plot.
+    at latent 2. A model may be given as its numbers, {metric: value} (a cell train_all kept).
+    Returns the ROC curves of the article's setting to plot.
     """
     y_test, ink = data["y_test"], tasks.ink(data["x_test"])
     m, curves = {}, {}
@@ -446,29 +528,49 @@ def task_anomaly(anomaly, data, seed):
         is_anomaly = y_test == digit
         suffix = f"_digit_{digit}" + ("" if latent == LATENT_ANOMALY else f"_z{latent}")
         headline = latent == LATENT_ANOMALY and digit == ANOMALY_DIGIT
-        scores = {}
+        rows = {}
         for name, model in models.items():
-            ae.set_seed(seed)
-            scores[name] = tasks.anomaly_scores(model, data["x_test"])
-        scores["ink"] = (-ink, -ink)       # the reference: the same ranking under both names
-        for name, (bce, signed) in scores.items():
-            row = {"anomaly_auc": tasks.roc_auc(is_anomaly, bce),
-                   "anomaly_auprc": tasks.average_precision(is_anomaly, bce),
-                   "anomaly_auc_signed_score": tasks.roc_auc(is_anomaly, signed)}
-            if name != "ink":
-                row["anomaly_ink_spearman"] = tasks.spearman(bce, ink)
-                row["anomaly_ink_spearman_signed_score"] = tasks.spearman(signed, ink)
+            if isinstance(model, dict):
+                rows[name] = model
+                continue
+            bce, signed = _scores(model, data, seed)
+            rows[name] = _anomaly_metrics(is_anomaly, bce, signed, ink)
+            if headline:
+                curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, bce)[:2], rows[name]["anomaly_auc"]),
+                                ("signed (article)", *tasks.roc_curve(is_anomaly, signed)[:2],
+                                 rows[name]["anomaly_auc_signed_score"])]
+        rows["ink"] = _anomaly_metrics(is_anomaly, -ink, -ink)   # the same ranking under both names
+        if headline:
+            curves["ink"] = [("low ink", *tasks.roc_curve(is_anomaly, -ink)[:2], rows["ink"]["anomaly_auc"])]
+        for name, row in rows.items():
             for metric, value in row.items():
                 put(metric + suffix, name, value)
                 if headline:
                     put(metric, name, value)
-            if headline:
-                curves[name] = [("low ink" if name == "ink" else "summed BCE",
-                                 *tasks.roc_curve(is_anomaly, bce)[:2], row["anomaly_auc"])]
-                if name != "ink":
-                    curves[name].append(("signed (article)", *tasks.roc_curve(is_anomaly, signed)[:2],
-                                         row["anomaly_auc_signed_score"]))
     return m, curves
+
+
+def anomaly_row(model, data, digit, seed):
+    """One model's numbers (ANOMALY_METRICS) with digit `digit` as the anomaly."""
+    return _anomaly_metrics(data["y_test"] == digit, *_scores(model, data, seed), tasks.ink(data["x_test"]))
+
+
+def _scores(model, data, seed):
+    """(summed BCE, signed score) of every test image; a stochastic model draws from `seed`."""
+    ae.set_seed(seed)
+    return tasks.anomaly_scores(model, data["x_test"])
+
+
+def _anomaly_metrics(is_anomaly, bce, signed, ink=None):
+    """AUROC and AUPRC of the summed BCE, AUROC of the signed score; with ink, their rank
+    correlations with it (ink's own row has none)."""
+    row = {"anomaly_auc": tasks.roc_auc(is_anomaly, bce),
+           "anomaly_auprc": tasks.average_precision(is_anomaly, bce),
+           "anomaly_auc_signed_score": tasks.roc_auc(is_anomaly, signed)}
+    if ink is not None:
+        row["anomaly_ink_spearman"] = tasks.spearman(bce, ink)
+        row["anomaly_ink_spearman_signed_score"] = tasks.spearman(signed, ink)
+    return row
 
 
 def task_generation(models, data, judge, seed):
@@ -604,7 +706,7 @@ def main(argv=None):
     stages["data"] = time.time() - t_start
     jobs = training_jobs(args, data, out_dir)
     t = time.time()
-    trained, parallel = train_all(jobs, data, args, device)
+    trained, parallel = train_all(jobs, data, args, device, os.path.join(out_dir, CELLS), env)
     stages["training"] = time.time() - t
     torch.set_num_threads(TASK_THREADS)
     t = time.time()
@@ -621,9 +723,7 @@ def main(argv=None):
     stages["total"] = time.time() - t_start
     results = {"config": config(args, data, argv), "environment": {**env, **parallel},
                "stages_seconds": stages,
-               "trainings": [{"training": j["label"], "checkpoint": os.path.basename(j["path"]),
-                              "reused": j["reused"], "seconds": trained[_key(j)][1]["history"]["seconds"],
-                              "threads": trained[_key(j)][1].get("threads")} for j in jobs],
+               "trainings": [training_record(j, trained[_key(j)][1]) for j in jobs],
                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                "metrics": report.summarise(per_seed)}
     path = os.path.join(out_dir, "results.json")
@@ -632,6 +732,13 @@ def main(argv=None):
     report.remove_stale_figures(out_dir, t_start)
     print(f"done in {workers.hms(stages['total'])}: {report_path} (results: {path})")
     return results
+
+
+def training_record(job, meta):
+    """results.json's line for one training; a kept cell says what scored it."""
+    record = {"training": job["label"], "checkpoint": os.path.basename(job["path"]), "reused": job["reused"],
+              "seconds": meta["history"]["seconds"], "threads": meta.get("threads")}
+    return {**record, "scored": meta["scored"]} if job["cell"] else record
 
 
 def config(args, data, argv):

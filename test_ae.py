@@ -3336,6 +3336,75 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
     rows = [r for r in report.audit(m, ["shallow"], [0, 1, 3]) if r[0].startswith("PCA is a good first try")]
     assert len(rows) == 2 and all("means over 3 digits" in r[2] for r in rows)
 
+def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
+    s = lambda latent, digit: {"latent_dim": latent, "held_out_digit": digit}
+    assert not run.sweep_only(s(run.LATENT, None)) and not run.sweep_only(s(run.LATENT_ANOMALY, None))
+    assert not run.sweep_only(s(run.LATENT_ANOMALY, run.ANOMALY_DIGIT))     # the latent maps use it
+    assert run.sweep_only(s(run.LATENT_ANOMALY, 0)) and run.sweep_only(s(run.LATENT_ANOMALY, 9))
+    assert run.sweep_only(s(run.LATENT, run.ANOMALY_DIGIT)) and run.sweep_only(s(3, run.ANOMALY_DIGIT))
+
+
+_SWEEP = ["--models", "shallow", "--quick", "--jobs", "1", "--anomaly-digits", "0,3", "--anomaly-latents", "2,20"]
+
+
+def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, tmp_path, monkeypatch):
+    argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1", *_SWEEP]
+    first = run.main(argv)
+    out, anomaly = tmp_path / "mnist", lambda r: {k: v for k, v in r["metrics"].items() if k.startswith("anomaly")}
+    kept = json.loads((out / run.CELLS).read_text())["cells"]
+    # exactly the anomaly-only trainings: digits 0 and 3 at latent 2, digit 1 at latent 20; never
+    # the article's digit at latent 2, nor the latent-20 models of the other tasks
+    assert {(c["settings"]["model"], c["settings"]["latent_dim"], c["settings"]["held_out_digit"])
+            for c in kept.values()} == {(n, z, d) for n in ("shallow", "pca") for z, d in [(2, 0), (2, 3), (20, 1)]}
+    records = {t["checkpoint"]: t for t in first["trainings"]}
+    assert sum("scored" in t for t in first["trainings"]) == len(kept) == 6
+    for name, cell in kept.items():
+        assert sorted(cell["anomaly"]) == sorted(run.ANOMALY_METRICS)
+        assert cell["scored"]["git_commit"] == first["environment"]["git_commit"]
+        assert records[name]["scored"] == cell["scored"] and records[name]["seconds"] == cell["history"]["seconds"]
+    assert "anomaly-only trainings enter as their scores" in (out / "REPORT.md").read_text()
+    # without the cells' checkpoints the same command trains nothing and reports the same numbers
+    for name in kept:
+        (out / "checkpoints" / name).unlink()
+    calls = _spy_fit(monkeypatch)
+    second = run.main(argv)
+    assert calls == [] and anomaly(second) == anomaly(first)
+    assert all(t["reused"] for t in second["trainings"])
+    # a cell kept with other settings, or without one of its numbers, is trained and scored again
+    doc = json.loads((out / run.CELLS).read_text())
+    stale, partial, *_ = sorted(n for n in doc["cells"] if n.startswith("shallow"))
+    doc["cells"][stale]["settings"]["epochs"] = 2
+    del doc["cells"][partial]["anomaly"]["anomaly_auprc"]
+    (out / run.CELLS).write_text(json.dumps(doc))
+    run.main(argv)
+    assert len(calls) == 2 and {c["model"].latent_dim for c in calls} == {2}
+    fixed = json.loads((out / run.CELLS).read_text())["cells"]
+    assert fixed[stale]["settings"]["epochs"] == 1 and sorted(fixed[partial]["anomaly"]) == sorted(run.ANOMALY_METRICS)
+    assert {n: c for n, c in fixed.items() if n not in (stale, partial)} == {
+        n: c for n, c in doc["cells"].items() if n not in (stale, partial)}
+
+
+def test_train_all_trains_the_sweep_cells_first_and_an_interruption_keeps_their_scores(
+        tiny_data, tmp_path, monkeypatch):
+    args, data = _tiny_run_data(tiny_data, *_SWEEP)
+    jobs = run.training_jobs(args, data, str(tmp_path))
+    real, order = run.train_one, []
+
+    def train_one(job, *rest):
+        order.append(job)
+        if len(order) == 7:
+            raise KeyboardInterrupt
+        return real(job, *rest)
+
+    monkeypatch.setattr(run, "train_one", train_one)
+    with pytest.raises(KeyboardInterrupt):
+        run.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / run.CELLS), {"git_commit": "abc"})
+    assert [run.sweep_only(j["settings"]) for j in order] == [True] * 6 + [False]
+    kept = json.loads((tmp_path / run.CELLS).read_text())["cells"]
+    assert sorted(kept) == sorted(os.path.basename(j["path"]) for j in order[:6])
+    assert all(c["scored"]["git_commit"] == "abc" and c["scored"]["cpu"] is None for c in kept.values())
+
+
 # ---- the raw-pixel references: the span solver of the converged probe, what the pixel probes see
 
 def _exact_newton_reference(z_tr, y_tr, lam):
@@ -4840,6 +4909,8 @@ def _files(folder):
     ("device tpu", "unknown device 'tpu'"),
     ("device cuda", "no CUDA GPU"),
     ("no data", "MNIST not found"),
+    ("cells damaged", "anomaly_cells.json cannot be read"),
+    ("cells lack a part", "a cell lacks its settings"),
 ])
 def test_run_bad_setup_stops_with_one_line_before_any_work(tiny_data, tmp_path, monkeypatch, case, match):
     import tempfile
@@ -4851,6 +4922,10 @@ def test_run_bad_setup_stops_with_one_line_before_any_work(tiny_data, tmp_path, 
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")
         monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
+    elif case.startswith("cells"):
+        (out / "mnist").mkdir(parents=True)
+        (out / "mnist" / run.CELLS).write_text('{"cells": {"x.pt": {"settings": {}}}}' if case.endswith("part")
+                                               else '{"cells": {"x.pt": ')
     elif case.startswith("device"):
         if case == "device cuda" and torch.cuda.is_available():
             pytest.skip("a CUDA GPU is there")
@@ -5209,8 +5284,9 @@ def test_train_in_workers_queues_the_jobs_starts_n_workers_and_follows_their_eve
               ("done", "job2", None), ("done", "never read", None)]
     ctx = _FakeContext(script)
     monkeypatch.setattr(workers.multiprocessing, "get_context", lambda method: method == "spawn" and ctx)
-    progress = _Recorded()
-    workers.train_in_workers(todo, "LOAD", "TRAIN", torch.device("cpu"), 2, 4, progress)
+    progress, done = _Recorded(), []
+    workers.train_in_workers(todo, "LOAD", "TRAIN", torch.device("cpu"), 2, 4, progress,
+                             lambda label: done.append((label, len(progress.calls))))
     jobs_q, events = ctx.queues
     # what a worker needs of each job, then one stop sign per worker
     assert jobs_q.items == [{k: job[k] for k in ("settings", "idx", "label", "path")} for job in todo] + [None, None]
@@ -5220,6 +5296,7 @@ def test_train_in_workers_queues_the_jobs_starts_n_workers_and_follows_their_eve
     assert not {signal.SIGINT, signal.SIGTERM} & signal.pthread_sigmask(signal.SIG_BLOCK, [])
     assert progress.calls == [("epoch", "job0", {"epoch": 1}), ("finished", "job0"), ("finished", "job1"),
                               ("finished", "job2")]
+    assert done == [("job0", 2), ("job1", 3), ("job2", 4)]      # each as soon as it is finished
     assert events.items == [("done", "never read", None)]               # stops at the last training
     assert jobs_q.cancelled and all(p.calls[0] == "terminate" for p in ctx.processes)
 

@@ -185,8 +185,11 @@ def plan_jobs(requested, n_left, device):
     return n_jobs, (torch.get_num_threads() if n_jobs == 1 else max(1, cores // n_jobs))
 
 
-def train_in_workers(todo, load, train, device, n_jobs, threads, progress):
+def train_in_workers(todo, load, train, device, n_jobs, threads, progress, done=None):
     """Train `todo` in n_jobs processes that take jobs from a queue; raises TrainingFailed.
+
+    done(label), if given, runs here in this process as each training finishes (run.py scores
+    the sweep's cells there), while the workers go on.
 
     Workers report epochs, completions and failures on a second queue. However this ends, the
     workers get SIGTERM, and whatever is still queued is dropped. If run.py itself is killed, the
@@ -218,6 +221,8 @@ def train_in_workers(todo, load, train, device, n_jobs, threads, progress):
             elif kind == "done":
                 n_done += 1
                 progress.finished(label)
+                if done:
+                    done(label)
             else:
                 raise TrainingFailed(f"{label}: {payload}")
     finally:
