@@ -241,14 +241,20 @@ def training_jobs(args, data, out_dir):
                             "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
                             "dataset": args.dataset, "held_out_digit": digit,
                             "n_train": int(len(idx)), "data": data["fingerprint"], "split": SPLIT}
-                key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
                 label = f"{name} z={latent} seed {seed}" + ("" if digit is None else f" w/o {digit}")
                 n_params = sum(p.numel() for p in ae.build(name, latent).parameters())
                 jobs.append({"settings": settings, "idx": idx, "label": label,
-                             "path": os.path.join(out_dir, "checkpoints", f"{name}-z{latent}-s{seed}"
-                                                  f"{'' if digit is None else f'-no{digit}'}-{key}.pt"),
+                             "path": os.path.join(out_dir, "checkpoints", checkpoint_name(settings)),
                              "work": args.epochs * len(idx) * (n_params + workers.ETA_OVERHEAD_PARAMS)})
     return jobs
+
+
+def checkpoint_name(settings):
+    """<model>-z<latent>-s<seed>[-no<digit>]-<hash of every setting>.pt"""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:10]
+    digit = settings["held_out_digit"]
+    return (f"{settings['model']}-z{settings['latent_dim']}-s{settings['seed']}"
+            f"{'' if digit is None else f'-no{digit}'}-{key}.pt")
 
 
 def anomaly_trainings(args):

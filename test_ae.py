@@ -3344,6 +3344,16 @@ def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
     assert run.sweep_only(s(run.LATENT, run.ANOMALY_DIGIT)) and run.sweep_only(s(3, run.ANOMALY_DIGIT))
 
 
+def test_checkpoint_name_is_the_training_and_the_hash_of_every_setting():
+    s = {"model": "vae", "latent_dim": 2, "seed": 43, "held_out_digit": 7, "epochs": 60}
+    name = run.checkpoint_name(s)
+    assert name.startswith("vae-z2-s43-no7-") and name.endswith(".pt") and len(name) == len("vae-z2-s43-no7-.pt") + 10
+    assert run.checkpoint_name({**s, "held_out_digit": None}).startswith("vae-z2-s43-")
+    assert "-no" not in run.checkpoint_name({**s, "held_out_digit": None})
+    assert run.checkpoint_name({**s, "epochs": 59}) != name                  # any setting changes the hash
+    assert run.checkpoint_name(dict(reversed(list(s.items())))) == name      # the order of the keys does not
+
+
 _SWEEP = ["--models", "shallow", "--quick", "--jobs", "1", "--anomaly-digits", "0,3", "--anomaly-latents", "2,20"]
 
 
@@ -4153,6 +4163,27 @@ def test_committed_reports_are_what_report_py_renders_from_their_results(dataset
     path = report.write_report(report.read_results(str(folder)), str(tmp_path))
     assert path == str(tmp_path / "REPORT.md") and _files(tmp_path) == ["REPORT.md"]
     assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
+
+
+@pytest.mark.parametrize("dataset", ["mnist", "fashion"])
+def test_committed_anomaly_cells_are_the_sweeps_own_and_untouched(dataset):
+    # results/<dataset>/anomaly_cells.json carries the sweep between machines: each cell is an
+    # anomaly-only training at the protocol's settings, named by the hash of exactly those
+    # settings (a hand edit breaks it), with all its numbers, scored from a clean tree
+    path = pathlib.Path(run.__file__).parent / "results" / dataset / run.CELLS
+    if not path.exists():
+        pytest.skip(f"no {run.CELLS} committed for {dataset}")
+    cells = json.loads(path.read_text())["cells"]
+    assert cells
+    for name, cell in cells.items():
+        s = cell["settings"]
+        assert run.sweep_only(s) and run.checkpoint_name(s) == name
+        assert (s["epochs"], s["batch_size"], s["lr"], s["dataset"], s["split"]) == (
+            run.EPOCHS, 256, 1e-3, dataset, run.SPLIT)
+        assert sorted(cell["anomaly"]) == sorted(run.ANOMALY_METRICS)
+        assert all(0 <= cell["anomaly"][k] <= 1 for k in ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score"))
+        assert cell["scored"]["git_dirty"] is False and len(cell["scored"]["git_commit"]) == 40
+        assert cell["history"]["seconds"] > 0
 
 
 def test_audit_claims_without_their_models_or_settings_are_not_run():
