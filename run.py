@@ -342,7 +342,7 @@ def _score_cell(job, data, kept, path, env):
     """Score an anomaly-only job's model, add it to `kept` and rewrite the file atomically."""
     model, meta = ae.load(job["path"])
     s = job["settings"]
-    with _threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
+    with torch_threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
         row = anomaly_row(model, data, s["held_out_digit"], s["seed"])
     kept[os.path.basename(job["path"])] = {
         "settings": s, "anomaly": row, "history": {"seconds": meta["history"]["seconds"]},
@@ -380,7 +380,7 @@ def _key(job):
 
 
 @contextlib.contextmanager
-def _threads(n):
+def torch_threads(n):
     """torch's thread count set to n for the block, then back to what it was."""
     before = torch.get_num_threads()
     torch.set_num_threads(n)

@@ -4779,17 +4779,6 @@ def test_plan_jobs_one_per_core_by_default(monkeypatch):
     assert workers.plan_jobs(None, 18, cpu)[0] == 1
 
 
-@contextlib.contextmanager
-def _torch_threads(n):
-    """torch runs on n threads inside the block, on its previous count after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @pytest.mark.parametrize("name", ae.MODELS)
 def test_thread_count_changes_a_training_step_only_by_rounding(name):
     # the initial weights are exact; reductions split across threads round differently, so one
@@ -4797,7 +4786,7 @@ def test_thread_count_changes_a_training_step_only_by_rounding(name):
     x = (torch.rand(256, ae.INPUT_DIM, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     steps = []
     for t in (1, 2):
-        with _torch_threads(t):
+        with run.torch_threads(t):
             ae.set_seed(0)
             model = ae.build(name)
             init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -4822,7 +4811,7 @@ def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_p
     parallel, plan = run.train_all(jobs, data, args, torch.device("cpu"))
     assert plan["jobs"] == 2
     args1, _ = _tiny_run_data(tiny_data, "--quick", "--jobs", "1", *models)
-    with _torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
+    with run.torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
         alone, _ = run.train_all(run.training_jobs(args1, data, str(tmp_path / "alone")), data, args1,
                                  torch.device("cpu"))
     assert parallel.keys() == alone.keys() and len(alone) == 8   # 3 contestants + pca, 2 latents
