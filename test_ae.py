@@ -3394,6 +3394,23 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
         n: c for n, c in doc["cells"].items() if n not in (stale, partial)}
 
 
+def test_a_kept_cell_holds_exactly_what_the_anomaly_task_gives_its_model(tiny_data, tmp_path):
+    # a stochastic model, the second seed: the cell is scored with the training's own seed
+    args, data = _tiny_run_data(tiny_data, "--models", "vae", "--quick", "--jobs", "1", "--seeds", "2",
+                                "--anomaly-digits", "0")
+    jobs = [j for j in run.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "vae"]
+    trained, _ = run.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / run.CELLS), {})
+    for job in jobs:
+        if not run.sweep_only(job["settings"]):
+            continue
+        seed = job["settings"]["seed"]
+        model, meta = ae.load(job["path"])
+        m, _ = run.task_anomaly({(2, 0): {"vae": model}}, data, seed)
+        assert trained[run._key(job)][1]["anomaly"] == {k: m[k + "_digit_0"]["vae"] for k in run.ANOMALY_METRICS}
+        other, _ = run.task_anomaly({(2, 0): {"vae": model}}, data, seed + 1)
+        assert other["anomaly_auc_digit_0"]["vae"] != m["anomaly_auc_digit_0"]["vae"]   # the seed matters
+
+
 def test_train_all_trains_the_sweep_cells_first_and_an_interruption_keeps_their_scores(
         tiny_data, tmp_path, monkeypatch):
     args, data = _tiny_run_data(tiny_data, *_SWEEP)
