@@ -339,7 +339,7 @@ def read_cells(path):
 
 
 def _score_cell(job, data, kept, path, env):
-    """Score an anomaly-only job's model, add it to `kept` and rewrite the file atomically."""
+    """Score an anomaly-only job's model, add it to `kept` and rewrite the file."""
     model, meta = ae.load(job["path"])
     s = job["settings"]
     with torch_threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
@@ -347,7 +347,13 @@ def _score_cell(job, data, kept, path, env):
     kept[os.path.basename(job["path"])] = {
         "settings": s, "anomaly": row, "history": {"seconds": meta["history"]["seconds"]},
         "threads": meta.get("threads"), "scored": {k: (env or {}).get(k) for k in CELL_PROVENANCE}}
-    body = json.dumps({"about": CELLS_ABOUT, "cells": dict(sorted(kept.items()))}, indent=1)
+    write_cells(path, kept)
+
+
+def write_cells(path, cells):
+    """CELLS, atomically, one line per cell: a commit that adds cells adds lines."""
+    lines = ",\n".join(f"  {json.dumps(name)}: {json.dumps(cell)}" for name, cell in sorted(cells.items()))
+    body = f'{{"about": {json.dumps(CELLS_ABOUT)},\n "cells": {{\n{lines}\n}}}}\n'
     tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(body))
 
 

@@ -3354,6 +3354,18 @@ def test_checkpoint_name_is_the_training_and_the_hash_of_every_setting():
     assert run.checkpoint_name(dict(reversed(list(s.items())))) == name      # the order of the keys does not
 
 
+def test_write_cells_reads_back_one_line_per_cell(tmp_path):
+    path = str(tmp_path / run.CELLS)
+    cells = {f"m{i}.pt": {"settings": {"seed": i}, "anomaly": {"anomaly_auc": float("nan") if i else 0.5},
+                          "history": {"seconds": 1.0}} for i in range(3)}
+    run.write_cells(path, cells)
+    back = run.read_cells(path)
+    assert back.keys() == cells.keys() and back["m0.pt"] == cells["m0.pt"] and np.isnan(back["m1.pt"]["anomaly"]["anomaly_auc"])
+    assert [line.strip()[:7] for line in pathlib.Path(path).read_text().splitlines()[2:-1]] == ['"m0.pt"', '"m1.pt"', '"m2.pt"']
+    run.write_cells(path, {})
+    assert run.read_cells(path) == {}
+
+
 _SWEEP = ["--models", "shallow", "--quick", "--jobs", "1", "--anomaly-digits", "0,3", "--anomaly-latents", "2,20"]
 
 
