@@ -3398,7 +3398,8 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
     doc["cells"][stale]["settings"]["epochs"] = 2
     del doc["cells"][partial]["anomaly"]["anomaly_auprc"]
     (out / run.CELLS).write_text(json.dumps(doc))
-    run.main(argv)
+    args, data = _tiny_run_data(tiny_data, *_SWEEP)
+    run.train_all(run.training_jobs(args, data, str(out)), data, args, torch.device("cpu"), str(out / run.CELLS), {})
     assert len(calls) == 2 and {c["model"].latent_dim for c in calls} == {2}
     fixed = json.loads((out / run.CELLS).read_text())["cells"]
     assert fixed[stale]["settings"]["epochs"] == 1 and sorted(fixed[partial]["anomaly"]) == sorted(run.ANOMALY_METRICS)
