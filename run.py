@@ -277,9 +277,7 @@ def train_all(jobs, data, args, device, cells=None, env=None):
     kept = read_cells(cells) if cells else {}
     for job in jobs:
         job["cell"] = cells is not None and sweep_only(job["settings"])
-        cell = kept.get(os.path.basename(job["path"])) if job["cell"] else None
-        scored = (cell is not None and cell["settings"] == job["settings"]
-                  and sorted(cell["anomaly"]) == sorted(ANOMALY_METRICS))
+        scored = job["cell"] and _kept(kept, job)
         job["reused"] = scored or _finished(job)
         if job["reused"]:
             print(f"{job['label']} | reused {'scores' if scored else 'checkpoint'}", flush=True)
@@ -322,6 +320,13 @@ def sweep_only(settings):
     article's setting (digit 1 at latent 2), whose models the latent-structure task uses too."""
     digit = settings["held_out_digit"]
     return digit is not None and (settings["latent_dim"], digit) != (LATENT_ANOMALY, ANOMALY_DIGIT)
+
+
+def _kept(cells, job):
+    """Whether `cells` hold the job's cell, trained with the job's settings, with every number."""
+    cell = cells.get(os.path.basename(job["path"]))
+    return (cell is not None and cell["settings"] == job["settings"]
+            and sorted(cell["anomaly"]) == sorted(ANOMALY_METRICS))
 
 
 def read_cells(path):
