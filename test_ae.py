@@ -4191,8 +4191,12 @@ def test_committed_reports_are_what_report_py_renders_from_their_results(dataset
     # after a change to the report or a claim, re-render with `python report.py results/<dataset>`
     folder = pathlib.Path(run.__file__).parent / "results" / dataset
     path = report.write_report(report.read_results(str(folder)), str(tmp_path))
-    assert path == str(tmp_path / "REPORT.md") and _files(tmp_path) == ["REPORT.md"]
     assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
+    # the figures the report draws itself (the sweep's heatmap) are committed beside it too
+    drawn = _files(tmp_path)
+    assert path == str(tmp_path / "REPORT.md") and "REPORT.md" in drawn
+    assert [f for f in drawn if not (folder / f).is_file()] == []
+    assert all(f"]({f})" in pathlib.Path(path).read_text() for f in drawn if f != "REPORT.md")
 
 
 @pytest.mark.parametrize("dataset", ["mnist", "fashion"])
