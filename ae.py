@@ -43,7 +43,7 @@ from torch import nn
 
 # ---- constants
 
-INPUT_DIM = 1024  # 28x28 MNIST zero-padded to 32x32
+INPUT_DIM = 1024  # build's default input size: 28x28 MNIST zero-padded to 32x32 (any other: input_dim=)
 N_LAYERS = 3  # encoder and decoder layers of every contestant but the shallow one
 SPARSITY_P = 0.25  # target mean activation of each sparse latent unit (article)
 SPARSITY_BETA = 1.0  # weight of the sparsity penalty (article)
@@ -59,7 +59,7 @@ PCA_EPS = 0.5 / 255
 
 # Legend of the shape comments below, e.g. `# (B, H) -> (B, Z)`:
 #   B  batch size
-#   D  pixels per image, 1024: 28x28 MNIST zero-padded to 32x32 (INPUT_DIM)
+#   D  pixels per image (input_dim), 1024: 28x28 MNIST zero-padded to 32x32
 #   Z  latent size (latent_dim)
 #   H  encoder output width: Z, or 2Z for the (beta-)VAEs, whose encoder emits (mu, log_sigma)
 #   K  codebook values per latent dimension (vq only, VQ_CODES)
@@ -78,14 +78,14 @@ def mlp(widths):
     return nn.Sequential(*layers)
 
 
-def hidden_widths(enc_out):
+def hidden_widths(enc_out, input_dim):
     """Encoder hidden widths [D // s**i for i < 3], s = int((D // enc_out) ** (1/3)) (companion code).
 
     The float cube root is part of the recipe: int(512 ** (1/3)) is 7, not 8, which gives the
     companion code's 1024 -> 146 -> 20 -> 2 at latent 2.
     """
-    s = int((INPUT_DIM // enc_out) ** (1 / N_LAYERS))
-    return [INPUT_DIM // s**i for i in range(N_LAYERS)]
+    s = int((input_dim // enc_out) ** (1 / N_LAYERS))
+    return [input_dim // s**i for i in range(N_LAYERS)]
 
 
 class Decoder(nn.Module):
@@ -254,11 +254,11 @@ class Autoencoder(nn.Module):
         self.encoder, self.bottleneck, self.decoder = encoder, bottleneck, decoder
 
     @staticmethod
-    def networks(latent_dim, h_width):
+    def networks(latent_dim, h_width, input_dim):
         """(encoder x -> h, decoder z -> logits) of N_LAYERS each, widths from hidden_widths."""
-        encoder = mlp(hidden_widths(h_width) + [h_width])
+        encoder = mlp(hidden_widths(h_width, input_dim) + [h_width])
         # the decoder mirrors the *dense* encoder for this latent dim, also for the (beta-)VAEs
-        decoder = Decoder([latent_dim] + hidden_widths(latent_dim)[:0:-1] + [INPUT_DIM])
+        decoder = Decoder([latent_dim] + hidden_widths(latent_dim, input_dim)[:0:-1] + [input_dim])
         return encoder, decoder
 
     # -- the two places the stacked model changes: which layers run, and the schedule
@@ -269,6 +269,11 @@ class Autoencoder(nn.Module):
 
     def _logits(self, z):
         return self.decoder.logits(z)  # (B, Z) -> (B, D)
+
+    @property
+    def input_dim(self):
+        """D, the pixels per image: the width of the decoder's last layer."""
+        return [m for m in self.decoder.modules() if isinstance(m, nn.Linear)][-1].out_features
 
     def stages(self, epochs):
         """The training schedule: [(stage, epochs)]; one stage (None) for end-to-end training."""
@@ -310,8 +315,8 @@ class Shallow(Autoencoder):
     """One layer each way: x -> ReLU(BatchNorm(Linear(x))) = z -> Linear -> sigmoid."""
 
     @staticmethod
-    def networks(latent_dim, h_width):
-        return nn.Sequential(*mlp([INPUT_DIM, h_width]), nn.ReLU()), Decoder([latent_dim, INPUT_DIM])
+    def networks(latent_dim, h_width, input_dim):
+        return nn.Sequential(*mlp([input_dim, h_width]), nn.ReLU()), Decoder([latent_dim, input_dim])
 
 
 class Stacked(Autoencoder):
@@ -382,9 +387,9 @@ class GaussianCode(Bottleneck):
 class LinearDecoder(nn.Module):
     """z -> mean + V z, clipped to [PCA_EPS, 1 - PCA_EPS] so that BCE stays finite."""
 
-    def __init__(self, latent_dim):
+    def __init__(self, latent_dim, input_dim):
         super().__init__()
-        self.linear = nn.Linear(latent_dim, INPUT_DIM)  # weight V (D, Z), bias the mean image
+        self.linear = nn.Linear(latent_dim, input_dim)  # weight V (D, Z), bias the mean image
 
     def forward(self, z):
         return self.linear(z).clamp(PCA_EPS, 1 - PCA_EPS)  # (B, Z) -> (B, D)
@@ -403,8 +408,8 @@ class PCA(Autoencoder):
         self.requires_grad_(False)
 
     @staticmethod
-    def networks(latent_dim, h_width):
-        return nn.Linear(INPUT_DIM, latent_dim), LinearDecoder(latent_dim)  # V^T x - V^T m; m + V z
+    def networks(latent_dim, h_width, input_dim):
+        return nn.Linear(input_dim, latent_dim), LinearDecoder(latent_dim, input_dim)  # V^T x - V^T m; m + V z
 
     def forward(self, x):
         return self.decoder(self.encode(x))  # (B, D) -> (B, Z) -> (B, D), no sigmoid
@@ -486,17 +491,17 @@ register("vq", VectorQuantised, weights={"beta": VQ_BETA})
 register("pca", GaussianCode, model=PCA, reference=True)  # fitted in closed form, not trained
 
 
-def build(name, latent_dim=20):
-    """A fresh, untrained contestant from its registry entry. Seed with set_seed first."""
+def build(name, latent_dim=20, input_dim=INPUT_DIM):
+    """A fresh, untrained contestant for images of input_dim pixels. Seed with set_seed first."""
     if name not in CONTESTANTS:
         raise ValueError(f"unknown model {name!r}; choose one of: {', '.join(CONTESTANTS)}")
     c = CONTESTANTS[name]
-    if not isinstance(latent_dim, int) or latent_dim < 1 or c.bottleneck.h_per_z * latent_dim > INPUT_DIM:
-        raise ValueError(f"latent_dim must be an integer from 1 to {INPUT_DIM // c.bottleneck.h_per_z}, "
+    if not isinstance(latent_dim, int) or latent_dim < 1 or c.bottleneck.h_per_z * latent_dim > input_dim:
+        raise ValueError(f"latent_dim must be an integer from 1 to {input_dim // c.bottleneck.h_per_z}, "
                          f"got {latent_dim!r}")
     h_width = c.bottleneck.h_per_z * latent_dim  # H
     # the networks before the bottleneck: the seed's draws keep the order they always had
-    encoder, decoder = c.model.networks(latent_dim, h_width)
+    encoder, decoder = c.model.networks(latent_dim, h_width, input_dim)
     bottleneck = c.bottleneck(latent_dim, **c.weights)
     return c.model(name, latent_dim, encoder, bottleneck, decoder, c.noise_std)
 
@@ -628,7 +633,7 @@ def save(model, path, meta=None):
     """Write name, latent_dim, weights and `meta` (plain types only) atomically to `path`."""
     meta = {} if meta is None else meta
     _check_plain(meta, "meta")
-    payload = {"name": model.name, "latent_dim": model.latent_dim, "meta": meta,
+    payload = {"name": model.name, "latent_dim": model.latent_dim, "input_dim": model.input_dim, "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
@@ -650,7 +655,8 @@ def load(path, device=None):
         raise FileNotFoundError(f"no checkpoint at {path}; train the model first (run.py)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-        model = build(payload["name"], payload["latent_dim"])
+        # checkpoints written before input_dim was saved are all of 32x32 MNIST-family images
+        model = build(payload["name"], payload["latent_dim"], payload.get("input_dim", 1024))
         model.load_state_dict(payload["state_dict"])
     except Exception as err:
         raise ValueError(f"{path} is not a checkpoint written by ae.save ({err}); delete it and retrain") from err
@@ -662,17 +668,17 @@ def load(path, device=None):
 def _checked_inputs(model, train_x, val_x, epochs, batch_size, device):
     """fit's argument checks: (device, train_x, val_x), the pixels as float32 tensors on device."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    train_x, val_x = _as_pixels(train_x, "train_x", device), _as_pixels(val_x, "val_x", device)
+    train_x, val_x = (_as_pixels(x, what, model.input_dim, device) for x, what in ((train_x, "train_x"), (val_x, "val_x")))
     if not isinstance(epochs, int) or epochs < 1 or not isinstance(batch_size, int) or batch_size < 2:
         raise ValueError(f"need epochs >= 1 and batch_size >= 2, got epochs={epochs!r}, "
                          f"batch_size={batch_size!r}")
     return device, train_x, val_x
 
 
-def _as_pixels(x, what, device):
+def _as_pixels(x, what, input_dim, device):
     x = torch.as_tensor(x, dtype=torch.float32)
-    if x.ndim != 2 or x.shape[1] != INPUT_DIM or len(x) < 2:
-        raise ValueError(f"{what} must have shape (N >= 2, {INPUT_DIM}), got {tuple(x.shape)}; "
+    if x.ndim != 2 or x.shape[1] != input_dim or len(x) < 2:
+        raise ValueError(f"{what} must have shape (N >= 2, {input_dim}), got {tuple(x.shape)}; "
                          f"flatten the zero-padded 32x32 images")
     if not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1:
         raise ValueError(f"{what} must hold finite pixel values in [0, 1]; divide uint8 images by 255")

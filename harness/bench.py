@@ -1,7 +1,7 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python bench.py [--data-dir DIR] [--only train|jobs|umap|gmm|probe|all] [--device cpu]
+    python -m harness.bench [--data-dir DIR] [--only train|jobs|umap|gmm|probe|all] [--device cpu]
 
 The data is run.py's: data/mnist, downloaded there if missing (--data-dir for local files).
 
@@ -22,7 +22,7 @@ train: one epoch of the vanilla autoencoder on the 55,000 MNIST training images,
 jobs: run.py's parallel trainings. N trainings of vanilla at latent 20 (seeds 42, 43, ...;
   JOBS_EPOCHS epochs each on the 55,000 training images), N = the cores this process may use:
   one after the other with every thread (run.py --jobs 1) versus all at once as N one-thread
-  worker processes (the default --jobs), both through run.train_all, worker start-up included.
+  worker processes (the default --jobs), both through trainings.train_all, worker start-up included.
   Prints both wall times and their ratio, and the thread scaling of one training (an epoch with
   1 thread against one with every thread).
 
@@ -66,10 +66,10 @@ from torch import nn
 
 import ae
 import mnist
-import run
 import tasks
 import umap_lite
-import workers
+from harness import cli, trainings, workers
+from harness.protocol import FIRST_SEED
 
 # ---- constants
 
@@ -86,7 +86,7 @@ BUSY_LOAD = 0.5  # a load average above this means another process competes for 
 def load_split(args):
     """uint8 train and validation images (55,000 and 5,000, 28x28), split as the protocol does."""
     train_images = load_mnist(args)[0]
-    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(train_images)))
+    train_idx, val_idx = mnist.split_indices(trainings.split_permutation(len(train_images)))
     return train_images[train_idx], train_images[val_idx]
 
 
@@ -288,14 +288,14 @@ def _threads_epoch(threads, x, device):
 
 
 def _train_all_seconds(argv, device):
-    """Wall time of run.train_all on the latent-20 jobs of argv, in a fresh output folder, and
+    """Wall time of trainings.train_all on the latent-20 jobs of argv, in a fresh output folder, and
     the longest of those trainings' own fit times."""
-    run_args = run.parse_args(argv)
-    data = run.load_data(run_args)
+    run_args = cli.parse_args(argv)
+    data = trainings.load_data(run_args)
     with tempfile.TemporaryDirectory() as out:
-        jobs = [j for j in run.training_jobs(run_args, data, out) if j["settings"]["latent_dim"] == 20]
+        jobs = [j for j in trainings.training_jobs(run_args, data, out) if j["settings"]["latent_dim"] == 20]
         start = time.perf_counter()
-        trained, _ = run.train_all(jobs, data, run_args, device)
+        trained, _, _ = trainings.train_all(jobs, data, run_args, device)
         wall = time.perf_counter() - start
     return wall, max(meta["history"]["seconds"] for _, meta in trained.values())
 
@@ -395,7 +395,7 @@ def _vanilla_codes(args, device):
     """Train a vanilla autoencoder briefly; its codes: train (60k, 20), test (10k, 20), labels."""
     train_images, _, test_images, test_labels = load_mnist(args)
     x = mnist.to_vectors(train_images)
-    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(x)))
+    train_idx, val_idx = mnist.split_indices(trainings.split_permutation(len(x)))
     ae.set_seed(UMAP_SEED)
     model = ae.build("vanilla", 20)
     ae.fit(model, x[train_idx], x[val_idx], epochs=UMAP_AE_EPOCHS, progress=False, device=device)
@@ -461,7 +461,7 @@ GMM_K = 10                # one fit at Pythae's default mixture size, beside the
 
 def bench_gmm(args, device=None):
     codes = _vanilla_codes(args, device)[0]                              # (60000, 20), file order
-    train_idx, val_idx = mnist.split_indices(run.split_permutation(len(codes)))
+    train_idx, val_idx = mnist.split_indices(trainings.split_permutation(len(codes)))
     z_train, z_val = codes[train_idx], codes[val_idx]
     print(f"codes: {len(z_train):,} x {z_train.shape[1]} training, {len(z_val):,} validation, from a vanilla "
           f"autoencoder trained {UMAP_AE_EPOCHS} epochs; torch threads {torch.get_num_threads()}, "
@@ -486,16 +486,17 @@ PROBE_EVERY = 8           # every 8th pixel (128 features): small enough for the
 
 def bench_probe(args, device=None):
     argv = ["--data-dir", args.data_dir or os.path.join("data", "mnist")] + ["--no-download"] * args.no_download
-    data = run.load_data(run.parse_args(argv))
+    data = trainings.load_data(cli.parse_args(argv))
     x, x_test, y = data["x_all"], data["x_test"], data["y_all"]
     print(f"converged probe on {x.shape[1]} pixel features, {len(data['probe_idx'])} labelled images, "
           f"{len(data['val_idx'])} validation, {len(x_test)} test; load average {os.getloadavg()[0]:.2f}")
     start = time.perf_counter()
-    acc = run._converged_probe(x, x_test, data["probe_idx"], data)
+    acc = tasks.linear_probe(x[data["probe_idx"]], y[data["probe_idx"]], x[data["val_idx"]], y[data["val_idx"]],
+                             x_test, data["y_test"])
     seconds = time.perf_counter() - start
     print(f"fast probe, 1,024 pixels, {len(data['probe_idx'])} labels: {seconds:.1f} s, test accuracy "
           f"{acc:.4f} (target < {PROBE_TARGET_S} s: {_umap_ok(seconds < PROBE_TARGET_S)})")
-    few = run._budget_draw(data, 10, run.FIRST_SEED)          # 100 labels: fewer images than features
+    few = data["train_idx"][tasks.label_budget_indices(y[data["train_idx"]], 10, FIRST_SEED)]          # 100 labels: fewer images than features
     sub, sub_test = x[:, ::PROBE_EVERY], x_test[:, ::PROBE_EVERY]
     for idx in (few, data["probe_idx"]):
         fits = {}

@@ -1,6 +1,6 @@
 """How a run runs: trainings in worker processes, the one status line, and the machine's record.
 
-    import workers
+    from harness import workers
     n_jobs, threads = workers.plan_jobs(None, len(todo), device)    # one training per core
     progress = workers.Progress(todo)                               # ETA over every training
     workers.train_in_workers(todo, load, train, device, n_jobs, threads, progress)
@@ -143,6 +143,17 @@ class Announced(dict):
 def hms(seconds):
     seconds = int(max(seconds, 0))
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+@contextlib.contextmanager
+def torch_threads(n):
+    """torch's thread count set to n for the block, then back to what it was."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 # ---- the machine

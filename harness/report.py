@@ -1,6 +1,6 @@
 """The report of a bake-off run: the audit of the article's conclusions and REPORT.md, from results.json.
 
-    python report.py results/mnist        # re-render results/mnist/REPORT.md from its results.json
+    python -m harness.report results/mnist        # re-render results/mnist/REPORT.md from its results.json
 
 run.py calls `write_report` at the end of every run; this file renders the same report again from
 the saved numbers alone, in seconds, e.g. after editing a claim or a table. Nothing here trains or
@@ -33,9 +33,9 @@ import numpy as np
 
 import mnist
 import tasks
-import workers
-from run import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FIRST_SEED, LABEL_BUDGETS, LATENT_ANOMALY,
-                 N_GENERATED, N_SHOWN, PIXELS, QUICK, SAMPLERS)
+from harness import figures, workers
+from harness.protocol import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FIRST_SEED, LABEL_BUDGETS, LATENT_ANOMALY,
+                              N_GENERATED, PIXELS, QUICK, SAMPLERS)
 
 # ---- constants
 
@@ -421,7 +421,7 @@ def write_report(results, out_dir):
                 report_published(m, names) if article else "",
                 report_audit(m, names, cfg), report_settings(results)]
     path = os.path.join(out_dir, "REPORT.md")
-    tasks.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(s for s in sections if s)))
+    figures.write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text("\n".join(s for s in sections if s)))
     return path
 
 
@@ -656,7 +656,7 @@ def report_anomaly_sweep(m, names, cfg, out_dir):
     panels = {title: np.array([[mean(metric, d, n) for d in digits] for n in shown])
               for metric, title in [("anomaly_auc", "AUROC, summed BCE"),
                                     ("anomaly_auc_signed_score", "AUROC, signed score")]}
-    tasks.plot_heatmaps(panels, [n if n in names else f"{n} (ref)" for n in shown],
+    figures.plot_heatmaps(panels, [n if n in names else f"{n} (ref)" for n in shown],
                         [str(d) for d in digits], os.path.join(out_dir, "anomaly_digits.png"))
     return text + "\n![AUROC by held-out digit, both scores](anomaly_digits.png)\n"
 
@@ -728,40 +728,6 @@ def report_settings(results):
         ["setting", "value"], [asked(k, v) if k in both else [k, f"`{v}`"] for k, v in cfg.items()]
         + [[f"seconds: {k}", f"{v:.0f}"] for k, v in stages.items()]
         + [[f"{k} (used)" if k in both else k, f"`{v}`"] for k, v in env.items()])
-
-
-# ---- the figures beside REPORT.md (run.py draws them from the first seed's arrays)
-
-def write_figures(figs, data, args, out_dir):
-    """The first seed's figures and GIFs, beside REPORT.md."""
-    maps, gen = figs["latent"], figs["generation"]
-    y_map = data["y_test"][:len(next(iter(maps["maps20"].values())))]
-    names = mnist.FASHION_CLASSES if args.dataset == "fashion" else None
-    at = lambda filename: os.path.join(out_dir, filename)
-    tasks.plot_reconstructions(data["x_test"][:N_SHOWN], figs["reconstruction"], at("reconstructions.png"))
-    if gen["samples"]:
-        tasks.plot_samples(gen["samples"], at("samples.png"), gen["notes"], order=SAMPLERS.values())
-    for filename, frames in gen["gifs"].items():
-        tasks.save_gif(frames, at(filename))
-    tasks.plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
-    tasks.plot_latents(maps["maps2"], y_map, at("latent_2d.png"), maps["notes2"], names)
-    tasks.plot_roc(figs["anomaly"], at("anomaly_roc.png"))
-    curves = figs["classification"]
-    budgets = sorted({b for c in curves.values() for b in c})
-    lines = lambda c: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
-    if budgets:
-        tasks.plot_label_budget(budgets, {n: lines(c) for n, c in curves.items()}, at("label_budgets.png"),
-                                draws=QUICK["budget_draws"] if args.quick else BUDGET_DRAWS,
-                                references={PIXELS: lines(figs["pixels"])})
-
-
-def remove_stale_figures(out_dir, since):
-    """Delete the figures and GIFs in out_dir that this run (started at `since`) did not write:
-    those of models or tasks an earlier report had and this one lacks."""
-    for path in pathlib.Path(out_dir).glob("*"):
-        if path.suffix in (".png", ".gif") and path.stat().st_mtime < since:
-            path.unlink()
-
 
 
 # ---- helpers
@@ -856,7 +822,7 @@ def read_results(folder):
 
 if __name__ == "__main__":
     if len(sys.argv) != 2:
-        sys.exit("usage: python report.py <folder with results.json>, e.g. python report.py results/mnist")
+        sys.exit("usage: python -m harness.report <folder with results.json>, e.g. python -m harness.report results/mnist")
     start = time.perf_counter()
     path = write_report(read_results(sys.argv[1]), sys.argv[1])
     print(f"{path} in {time.perf_counter() - start:.1f} s")
