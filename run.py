@@ -73,7 +73,7 @@ def main(argv=None):
     per_seed = []
     for i, seed in enumerate(seeds):
         m, figs = run_gauntlet(trained, data, args, seed, judge, device, out_dir, first=i == 0)
-        m.update(cells.kept_scores(kept, seed))    # the sweep's kept cells, scored as task_anomaly scores
+        cells.add_kept_scores(m, kept, seed)   # the sweep's kept cells, scored as task_anomaly scores
         if i == 0:
             figures.write_figures(figs, data, args, out_dir)     # the figures show the first seed
         per_seed.append(m)

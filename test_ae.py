@@ -38,11 +38,10 @@ from torch import nn
 
 import ae
 import mnist
-import report
 import run
 import tasks
 import umap_lite
-import workers
+from harness import cells, cli, figures, protocol, report, trainings, workers
 
 
 # ================================================================================================
@@ -526,7 +525,7 @@ def test_mnist_split_without_validation_and_the_size_limits_at_their_boundaries(
 def test_split_permutation_is_the_companion_codes():
     # The companion code's split: torch.randperm(60000) on a CPU generator seeded 42. Pinned so that
     # a change of seed, generator or library shows up here, not as different training images.
-    perm = run.split_permutation(60000)
+    perm = trainings.split_permutation(60000)
     np.testing.assert_array_equal(perm[:8], [37542, 43087, 2992, 25810, 39634, 6425, 55768, 11034])
     train, val = mnist.split_indices(perm)
     assert (len(train), len(val), len(mnist.probe_indices(train))) == (55000, 5000, 550)
@@ -1613,7 +1612,7 @@ def test_write_atomically_hides_its_temporary_file_beside_the_result_and_shares_
     def write(tmp):
         seen.append(sorted(p.name for p in tmp_path.iterdir()))
         pathlib.Path(tmp).write_text("done")
-    tasks.write_atomically(str(tmp_path / "r.json"), write)
+    figures.write_atomically(str(tmp_path / "r.json"), write)
     assert len(seen[0]) == 1 and seen[0][0].startswith(".") and seen[0][0].endswith(".json")
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]
     assert (tmp_path / "r.json").stat().st_mode & 0o777 == 0o644
@@ -1621,7 +1620,7 @@ def test_write_atomically_hides_its_temporary_file_beside_the_result_and_shares_
         pathlib.Path(tmp).write_text("half")
         raise OSError("disk full")
     with pytest.raises(OSError, match="disk full"):
-        tasks.write_atomically(str(tmp_path / "s.json"), fail)
+        figures.write_atomically(str(tmp_path / "s.json"), fail)
     assert [p.name for p in tmp_path.iterdir()] == ["r.json"]       # nothing half-written is left
 
 
@@ -1698,15 +1697,15 @@ def test_save_gif_loops_forth_and_back(tmp_path):
     from PIL import Image
     frames = np.linspace(0, 1, 5)[:, None] * np.ones((5, 1024))
     path = tmp_path / "interp.gif"
-    tasks.save_gif(frames, str(path))
+    figures.save_gif(frames, str(path))
     gif = Image.open(path)
     assert gif.n_frames == 8 and gif.info.get("loop") == 0
     durations = []
     for i in range(gif.n_frames):
         gif.seek(i)
         durations.append(gif.info["duration"])
-    assert durations[0] == durations[4] == tasks.GIF_PAUSE_MS
-    assert durations[1] == tasks.GIF_FRAME_MS
+    assert durations[0] == durations[4] == figures.GIF_PAUSE_MS
+    assert durations[1] == figures.GIF_FRAME_MS
 
 
 def test_sample_quality_numbers():
@@ -2249,7 +2248,7 @@ def test_vq_learned_prior_frequencies_and_samples():
 
 def _draw(model, data, seed):
     """tasks.draw_samples as run.py's task_generation calls it."""
-    return tasks.draw_samples(model, data["x_all"], data["train_idx"], data["val_idx"], run.N_GENERATED, seed)
+    return tasks.draw_samples(model, data["x_all"], data["train_idx"], data["val_idx"], protocol.N_GENERATED, seed)
 
 
 def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch):
@@ -2352,7 +2351,7 @@ def test_claim_vq_needs_a_learned_prior(legible, fd, expected):
 
 def test_tile_places_images_row_major_and_pads_with_black():
     imgs = np.arange(1, 6)[:, None] * np.ones((5, 1024)) / 10      # image i is all (i + 1) / 10
-    grid = tasks._tile(imgs, cols=2)
+    grid = figures._tile(imgs, cols=2)
     assert grid.shape == (3 * 32, 2 * 32)
     blocks = grid.reshape(3, 32, 2, 32).transpose(0, 2, 1, 3)       # (row, col, 32, 32)
     assert [float(blocks[r, c].mean()) for r in range(3) for c in range(2)] == pytest.approx(
@@ -2362,11 +2361,11 @@ def test_tile_places_images_row_major_and_pads_with_black():
 def test_save_gif_frames_are_the_clipped_grey_levels_enlarged(tmp_path):
     from PIL import Image
     frames = np.stack([np.linspace(-0.5, 1.5, 1024), np.full(1024, 0.5), np.linspace(1, 0, 1024)])
-    tasks.save_gif(frames, str(tmp_path / "f.gif"))
+    figures.save_gif(frames, str(tmp_path / "f.gif"))
     with Image.open(tmp_path / "f.gif") as gif:
         got = np.array(gif.convert("L"))
     want = (np.clip(frames[0], 0, 1) * 255).astype(np.uint8).reshape(32, 32)
-    s = tasks.GIF_SCALE
+    s = figures.GIF_SCALE
     assert got.shape == (32 * s, 32 * s)
     np.testing.assert_array_equal(got[::s, ::s], want)                    # 255 * clipped value
     np.testing.assert_array_equal(got, np.kron(want, np.ones((s, s), np.uint8)))   # nearest: blocks
@@ -2377,24 +2376,24 @@ def test_every_figure_is_written_as_an_image(tmp_path):
     rng = np.random.default_rng(0)
     imgs, pts, y = rng.random((16, 1024)), rng.normal(size=(40, 2)), np.arange(40) % 10
     curve = [("summed BCE", np.array([0.0, 0.5, 1.0]), np.array([0.0, 0.8, 1.0]), 0.65)]
-    figures = {
-        "recon.png": lambda p: tasks.plot_reconstructions(imgs, {"vanilla": imgs}, p),
-        "latents.png": lambda p: tasks.plot_latents({"vanilla": pts, "vae": pts}, y, p),
-        "roc.png": lambda p: tasks.plot_roc({"vanilla": curve}, p),
-        "heat.png": lambda p: tasks.plot_heatmaps({"a": rng.random((2, 3))}, ["m1", "m2"], list("xyz"), p),
-        "budget.png": lambda p: tasks.plot_label_budget([10, 100], {"vq": ([0.3, 0.6], [0.0, 0.0])}, p)}
-    for name, draw in figures.items():
+    drawings = {
+        "recon.png": lambda p: figures.plot_reconstructions(imgs, {"vanilla": imgs}, p),
+        "latents.png": lambda p: figures.plot_latents({"vanilla": pts, "vae": pts}, y, p),
+        "roc.png": lambda p: figures.plot_roc({"vanilla": curve}, p),
+        "heat.png": lambda p: figures.plot_heatmaps({"a": rng.random((2, 3))}, ["m1", "m2"], list("xyz"), p),
+        "budget.png": lambda p: figures.plot_label_budget([10, 100], {"vq": ([0.3, 0.6], [0.0, 0.0])}, p)}
+    for name, draw in drawings.items():
         draw(str(tmp_path / name))
         with Image.open(tmp_path / name) as img:
             assert img.format == "PNG" and min(img.size) > 100, name
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(figures)      # no temporary file left
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawings)      # no temporary file left
 
 
 def test_plot_samples_one_row_per_model_blank_where_a_sampler_is_missing(tmp_path):
     from PIL import Image
     imgs = np.random.default_rng(0).random((16, 1024))
     path = tmp_path / "samples.png"
-    tasks.plot_samples({"vanilla": {"ex-post mixture": imgs}, "vq": {"own prior": imgs, "ex-post mixture": imgs}},
+    figures.plot_samples({"vanilla": {"ex-post mixture": imgs}, "vq": {"own prior": imgs, "ex-post mixture": imgs}},
                        str(path), {"vq": {"own prior": "legible 0.10"}}, order=["own prior", "ex-post mixture"])
     with Image.open(path) as img:
         assert img.size[0] > img.size[1] > 0
@@ -2446,13 +2445,13 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
         return {"reconstruction_bce": {"shallow": float(seed), "pca": 2.0 * seed}}, {"seed": seed}
     monkeypatch.setattr(run, "run_gauntlet", gauntlet)
     judge = object()
-    monkeypatch.setattr(run, "get_judge", lambda data, args, device, out_dir: calls["passed"].append(
+    monkeypatch.setattr(trainings, "get_judge", lambda data, args, device, out_dir: calls["passed"].append(
         (data, args, device)) or calls["judge"].append(out_dir) or judge)
-    monkeypatch.setattr(report, "write_figures", lambda figs, data, args, out_dir: calls["figures"].append(
+    monkeypatch.setattr(figures, "write_figures", lambda figs, data, args, out_dir: calls["figures"].append(
         (figs, out_dir)) or calls["passed"].append((data, args, torch.device("cpu"))))
     monkeypatch.setattr(report, "write_report", lambda results, out_dir: calls["report"].append(
         (results, out_dir)) or os.path.join(out_dir, "REPORT.md"))
-    monkeypatch.setattr(report, "remove_stale_figures", lambda out_dir, since: calls["stale"].append((out_dir, since)))
+    monkeypatch.setattr(figures, "remove_stale_figures", lambda out_dir, since: calls["stale"].append((out_dir, since)))
     argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1",
             "--models", "shallow", "--seeds", "2", "--jobs", "1", "--quick"]
     before = time.time()
@@ -2461,7 +2460,7 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
     keys = sorted((n, z, s, d) for n in ("shallow", "pca") for z, d in ((20, None), (2, 1)) for s in (42, 43))
     sort = lambda ks: sorted(ks, key=str)
     assert [(sort(k), s, j, o, f, th) for k, s, j, o, f, th in calls["gauntlet"]] == [
-        (sort(keys), 42, judge, out, True, run.TASK_THREADS), (sort(keys), 43, judge, out, False, run.TASK_THREADS)]
+        (sort(keys), 42, judge, out, True, protocol.TASK_THREADS), (sort(keys), 43, judge, out, False, protocol.TASK_THREADS)]
     assert calls["figures"] == [({"seed": 42}, out)]                       # the first seed's figures
     results = json.loads((tmp_path / "mnist" / "results.json").read_text())
     assert returned == results and calls["report"] == [(results, out)]
@@ -2485,16 +2484,16 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
     assert set(stages) == {"data", "training", "tasks", "total"}
     assert 0 <= stages["data"] and 0 < stages["training"] and 0 <= stages["tasks"]
     assert stages["data"] + stages["training"] + stages["tasks"] <= stages["total"] <= time.time() - before
-    trainings = results["trainings"]
-    assert len(trainings) == 8 and not any(t["reused"] for t in trainings)
-    for t in trainings:
+    records = results["trainings"]
+    assert len(records) == 8 and not any(t["reused"] for t in records)
+    for t in records:
         _, meta = ae.load(os.path.join(out, "checkpoints", t["checkpoint"]))
         assert t["seconds"] == meta["history"]["seconds"] and t["threads"] == meta["threads"]
         assert t["training"].startswith(meta["settings"]["model"])
     assert "done in" in capsys.readouterr().out
     again = run.main(argv)                                                # the same command: all reused
     assert all(t["reused"] for t in again["trainings"])
-    assert [t["checkpoint"] for t in again["trainings"]] == [t["checkpoint"] for t in trainings]
+    assert [t["checkpoint"] for t in again["trainings"]] == [t["checkpoint"] for t in records]
 
 
 def test_environment_records_versions_cpu_device_and_the_commit_of_run_py(tmp_path, monkeypatch):
@@ -2549,10 +2548,10 @@ def test_environment_asks_git_for_the_commit_and_local_changes_and_never_waits_l
 def test_config_records_the_command_as_typed(wiring, monkeypatch):
     _, args, data = wiring
     monkeypatch.setattr(sys, "argv", ["run.py", "--seeds", "2", "--quick"])
-    assert run.config(args, data, None)["command"] == "python run.py --seeds 2 --quick"
-    assert run.config(args, data, [])["command"] == "python run.py"
-    cfg = run.config(args, data, ["--jobs", "1"])
-    assert cfg["latent_dims"] == [run.LATENT, run.LATENT_ANOMALY] and cfg["split"] == run.SPLIT
+    assert cli.config(args, data, None)["command"] == "python run.py --seeds 2 --quick"
+    assert cli.config(args, data, [])["command"] == "python run.py"
+    cfg = cli.config(args, data, ["--jobs", "1"])
+    assert cfg["latent_dims"] == [protocol.LATENT, protocol.LATENT_ANOMALY] and cfg["split"] == protocol.SPLIT
     assert cfg["seeds"] == [42] and cfg["models"] == args.models
 
 
@@ -2569,7 +2568,7 @@ def test_cli_ends_an_interrupted_run_with_one_line_and_128_plus_the_signal(monke
     monkeypatch.setattr(run, "main", main)
     try:
         with pytest.raises(SystemExit) as stop:
-            run.cli()
+            cli.run_cli(main)
         handlers = {s: signal.getsignal(s) for s in saved}
     finally:
         for s, handler in saved.items():
@@ -2578,7 +2577,7 @@ def test_cli_ends_an_interrupted_run_with_one_line_and_128_plus_the_signal(monke
     assert stop.value.code == 128 + sig
     assert capsys.readouterr().err == "interrupted: finished trainings are saved; run the same command to continue\n"
     # a signal's handler ignores both from then on, so a second Ctrl-C cannot cut the cleanup short
-    want = run._interrupt if how == "KeyboardInterrupt" else signal.SIG_IGN
+    want = cli._interrupt if how == "KeyboardInterrupt" else signal.SIG_IGN
     assert handlers == {s: want for s in saved}
 
 
@@ -2615,7 +2614,7 @@ def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monke
     # report.py renders the same REPORT.md from results.json alone, also from a results.json that
     # still has the old name of a metric
     (out / "REPORT.md").unlink()
-    done = subprocess.run([sys.executable, "report.py", str(out)], cwd=os.path.dirname(report.__file__),
+    done = subprocess.run([sys.executable, "-m", "harness.report", str(out)], cwd=os.path.dirname(run.__file__),
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (out / "REPORT.md").read_text() == report_text
@@ -2678,7 +2677,7 @@ def test_run_resumes_after_interruption(tiny_data, tmp_path, monkeypatch, capsys
 ])
 def test_run_bad_arguments_one_line(argv, match, capsys):
     with pytest.raises(SystemExit) as err:
-        run.parse_args(argv)
+        cli.parse_args(argv)
     message = str(err.value.code)
     assert match in message and "\n" not in message
 
@@ -2696,8 +2695,8 @@ def test_run_missing_data_no_download_exits_cleanly(tmp_path):
 # ---- run.py: the protocol (which data and which model state each number comes from)
 
 def _tiny_run_data(tiny_data, *extra):
-    args = run.parse_args(["--data-dir", str(tiny_data), "--no-download", "--epochs", "1", *extra])
-    return args, run.load_data(args)
+    args = cli.parse_args(["--data-dir", str(tiny_data), "--no-download", "--epochs", "1", *extra])
+    return args, trainings.load_data(args)
 
 
 @pytest.mark.slow
@@ -2719,7 +2718,7 @@ def test_run_trainings_see_only_training_images_and_anomaly_runs_lack_their_clas
         idx = [row_index[row.tobytes()] for row in x]
         assert set(idx) <= train                    # no validation image ever trains
         digits = set(data["y_all"][idx].tolist())
-        if latent == run.LATENT:
+        if latent == protocol.LATENT:
             assert digits == set(range(10))
         else:
             missing_per_anomaly_run[name].append(set(range(10)) - digits)
@@ -2732,7 +2731,7 @@ def test_run_judge_trains_on_the_training_split_only(tiny_data, tmp_path, monkey
     args, data = _tiny_run_data(tiny_data, "--quick")
     seen, real = [], tasks.train_judge
     monkeypatch.setattr(tasks, "train_judge", lambda x, y, **kw: seen.append((x, y)) or real(x, y, **kw))
-    run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    trainings.get_judge(data, args, torch.device("cpu"), str(tmp_path))
     (x, y), = seen
     row_index = {row.tobytes(): i for i, row in enumerate(data["x_all"])}
     idx = [row_index.get(row.tobytes()) for row in x]
@@ -2911,8 +2910,8 @@ def test_pca_loss_is_the_summed_bce_per_image_like_every_contestant():
 def test_fit_defaults_are_the_protocols():
     import inspect
     defaults = {k: p.default for k, p in inspect.signature(ae.fit).parameters.items()}
-    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"]) == (run.EPOCHS, 256, 1e-3)
-    assert defaults["seed"] == run.FIRST_SEED and defaults["progress"] is True
+    assert (defaults["epochs"], defaults["batch_size"], defaults["lr"]) == (protocol.EPOCHS, 256, 1e-3)
+    assert defaults["seed"] == protocol.FIRST_SEED and defaults["progress"] is True
 
 
 def test_pca_needs_more_images_than_axes():
@@ -3031,7 +3030,7 @@ def test_summarise_one_seed_has_std_zero_and_several_the_sample_std():
 
 def test_train_all_in_one_process_reports_every_epoch_of_every_job(tiny_data, tmp_path, monkeypatch):
     args, data = _tiny_run_data(tiny_data, "--models", "shallow", "--epochs", "2", "--jobs", "1")
-    jobs = [j for j in run.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "shallow"]
+    jobs = [j for j in trainings.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "shallow"]
     events = []
     class Recorder:
         def __init__(self, todo):
@@ -3041,13 +3040,13 @@ def test_train_all_in_one_process_reports_every_epoch_of_every_job(tiny_data, tm
         def finished(self, label):
             events.append(("finished", label))
     monkeypatch.setattr(workers, "Progress", Recorder)
-    trained, parallel = run.train_all(jobs, data, args, torch.device("cpu"))
+    trained, _, parallel = trainings.train_all(jobs, data, args, torch.device("cpu"))
     want = [("todo", [j["label"] for j in jobs])]
     for j in jobs:
         want += [("epoch", j["label"], 1, 2), ("epoch", j["label"], 2, 2), ("finished", j["label"])]
     assert events == want and parallel == {"jobs": 1, "threads_per_job": torch.get_num_threads()}
     for j in jobs:
-        model, meta = trained[run._key(j)]
+        model, meta = trained[trainings._key(j)]
         assert meta["settings"] == j["settings"] and len(meta["history"]["train_loss"]) == 2
         assert meta["threads"] == torch.get_num_threads() and not model.training
 
@@ -3058,44 +3057,44 @@ def test_check_writable_walks_up_to_the_nearest_folder_and_writes_there(tmp_path
     tried = []
     real = tempfile.TemporaryFile
     monkeypatch.setattr(tempfile, "TemporaryFile", lambda dir=None: tried.append(dir) or real(dir=dir))
-    run._check_writable("new/deeper")                   # relative, nothing of it exists yet
+    cli._check_writable("new/deeper")                   # relative, nothing of it exists yet
     (tmp_path / "made").mkdir()
-    run._check_writable(str(tmp_path / "made" / "sub"))
+    cli._check_writable(str(tmp_path / "made" / "sub"))
     assert tried == [".", str(tmp_path / "made")] and not (tmp_path / "new").exists()
 
 
 def test_parse_args_defaults_are_the_protocols_and_quick_shortens_them():
-    args = run.parse_args([])
-    assert (args.dataset, args.epochs, args.batch_size, args.lr, args.seeds) == ("mnist", run.EPOCHS, 256, 1e-3, 1)
-    assert args.models == list(ae.MODELS) and args.out == run.OUT and not args.quick and not args.replace
+    args = cli.parse_args([])
+    assert (args.dataset, args.epochs, args.batch_size, args.lr, args.seeds) == ("mnist", protocol.EPOCHS, 256, 1e-3, 1)
+    assert args.models == list(ae.MODELS) and args.out == cli.OUT and not args.quick and not args.replace
     assert (args.anomaly_digits, args.anomaly_latents, args.jobs, args.device) == ([1], [2], None, None)
-    quick = run.parse_args(["--quick"])
-    assert (quick.epochs, quick.out) == (run.QUICK["epochs"], run.QUICK_OUT)
-    assert run.parse_args(["--quick", "--epochs", "7"]).epochs == 7
+    quick = cli.parse_args(["--quick"])
+    assert (quick.epochs, quick.out) == (protocol.QUICK["epochs"], cli.QUICK_OUT)
+    assert cli.parse_args(["--quick", "--epochs", "7"]).epochs == 7
     for bad in (["--lr", "inf"], ["--lr", "0"], ["--models", ""], ["--models", "vanilla,nope"], ["--dataset", "cifar"]):
         with pytest.raises(SystemExit, match="run.py: error: "):
-            run.parse_args(bad)
-    assert run.parse_args(["--lr", "1e308"]).lr == 1e308                # large but finite: allowed
+            cli.parse_args(bad)
+    assert cli.parse_args(["--lr", "1e308"]).lr == 1e308                # large but finite: allowed
 
 
 def test_anomaly_digits_and_latents_at_the_ends_of_their_ranges():
-    digits = lambda text: run.parse_args(["--anomaly-digits", text]).anomaly_digits
-    latents = lambda text: run.parse_args(["--anomaly-latents", text]).anomaly_latents
+    digits = lambda text: cli.parse_args(["--anomaly-digits", text]).anomaly_digits
+    latents = lambda text: cli.parse_args(["--anomaly-latents", text]).anomaly_latents
     assert digits("all") == list(range(10)) and digits("0") == [0, 1] and digits("9,3") == [1, 3, 9]
     assert latents("1") == [1, 2] and latents(str(ae.INPUT_DIM // 2)) == [2, ae.INPUT_DIM // 2]
     for flag, bad in (("--anomaly-digits", "10"), ("--anomaly-digits", "-1"), ("--anomaly-digits", "1;2"),
                       ("--anomaly-latents", "0"), ("--anomaly-latents", str(ae.INPUT_DIM // 2 + 1)),
                       ("--anomaly-latents", "2 20"), ("--anomaly-latents", "all")):
         with pytest.raises(SystemExit, match=flag):
-            run.parse_args([flag, bad])
+            cli.parse_args([flag, bad])
 
 
 def test_load_data_default_folder_download_switch_and_fingerprint(tiny_data, monkeypatch):
     asked, real_load = [], mnist.load
     monkeypatch.setattr(mnist, "load", lambda name, root, download: asked.append((name, root, download))
                         or real_load(name, root=str(tiny_data), download=False))
-    data = run.load_data(run.parse_args([]))
-    run.load_data(run.parse_args(["--no-download", "--dataset", "fashion"]))
+    data = trainings.load_data(cli.parse_args([]))
+    trainings.load_data(cli.parse_args(["--no-download", "--dataset", "fashion"]))
     assert asked == [("mnist", os.path.join("data", "mnist"), True), ("fashion", os.path.join("data", "fashion"), False)]
     images, labels, _, test_labels = real_load("mnist", root=str(tiny_data), download=False)
     assert data["fingerprint"] == hashlib.md5(images.tobytes()[:1 << 20] + labels.tobytes()).hexdigest()[:12]
@@ -3107,7 +3106,7 @@ def test_task_classification_hands_quick_on_to_the_label_budgets(wiring, monkeyp
     _, _, data = wiring
     asked = []
     monkeypatch.setattr(run, "_classify", lambda z_all, z_test, net, data, seed, quick: asked.append(quick) or ({}, {}))
-    models = {"shallow": _build("shallow", latent_dim=run.LATENT).eval()}
+    models = {"shallow": _build("shallow", latent_dim=protocol.LATENT).eval()}
     for quick in (True, False):
         run.task_classification(models, data, WIRING_SEED, quick)
     assert asked == [True, False]
@@ -3132,7 +3131,7 @@ def test_classify_draws_each_label_budget_the_data_can_afford_and_curves_their_m
     monkeypatch.setattr(run, "_articles_probe", lambda net, data, seed: 0.5)
     monkeypatch.setattr(run, "LABEL_BUDGETS", (20, 30))
     z = data["x_all"][:, :3]
-    for quick, draws in ((False, run.BUDGET_DRAWS), (True, run.QUICK["budget_draws"])):
+    for quick, draws in ((False, protocol.BUDGET_DRAWS), (True, protocol.QUICK["budget_draws"])):
         scores, curve = run._classify(z, data["x_test"][:, :3], None, small, WIRING_SEED, quick)
         assert set(curve) == {20} and "probe_accuracy_30_labels" not in scores
         first = float(scores["probe_accuracy"])                # the 550-label probe drew one value
@@ -3144,7 +3143,7 @@ def test_classify_draws_each_label_budget_the_data_can_afford_and_curves_their_m
 def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_itself(wiring, monkeypatch):
     _, _, data = wiring
     torch.manual_seed(0)
-    vq = ae.build("vq", run.LATENT).eval()
+    vq = ae.build("vq", protocol.LATENT).eval()
     fitted = []
     def choose(z_train, z_val, seed):
         fitted.append(z_train.shape)
@@ -3152,7 +3151,7 @@ def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_
             raise ValueError("no spread")                   # the first mixture (on z) fails
         return {"weights": np.ones(2) / 2}, {}
     monkeypatch.setattr(tasks, "choose_gmm", choose)
-    monkeypatch.setattr(tasks, "sample_gmm", lambda gmm, n, seed: np.full((n, run.LATENT), 0.25, np.float32))
+    monkeypatch.setattr(tasks, "sample_gmm", lambda gmm, n, seed: np.full((n, protocol.LATENT), 0.25, np.float32))
     decoded = []
     monkeypatch.setattr(tasks, "decode", lambda model, z, through_bottleneck=False: decoded.append(
         through_bottleneck) or np.zeros((len(z), ae.INPUT_DIM)))
@@ -3161,7 +3160,7 @@ def test_draw_samples_decodes_each_mixture_as_fitted_and_one_failure_skips_only_
     # the pre-quantiser mixture is still fitted and its draws pass the quantiser; the categorical doesn't
     assert set(samples) == {"", "_categorical", "_gmm_prequant"} and components == {"_gmm_prequant": 2}
     assert decoded == [False, True] and len(fitted) == 2
-    assert samples["_gmm_prequant"].shape == (run.N_GENERATED, ae.INPUT_DIM)
+    assert samples["_gmm_prequant"].shape == (protocol.N_GENERATED, ae.INPUT_DIM)
 
 
 def test_baselines_are_the_three_readings_by_name(wiring, monkeypatch):
@@ -3181,13 +3180,13 @@ def test_training_jobs_settings_and_checkpoint_names_keep_their_layout(tiny_data
     # checkpoints made before any change are reused only if the settings dict, its hash and the
     # file name stay as they are: a renamed key or another hash would retrain everything
     args, data = _tiny_run_data(tiny_data, "--models", "shallow")
-    jobs = run.training_jobs(args, data, "out")
+    jobs = trainings.training_jobs(args, data, "out")
     for job in jobs:
         s = job["settings"]
         assert list(s) == ["model", "latent_dim", "seed", "epochs", "batch_size", "lr", "dataset",
                            "held_out_digit", "n_train", "data", "split"]
         assert (s["dataset"], s["n_train"], s["data"], s["split"]) == ("mnist", len(job["idx"]),
-                                                                       data["fingerprint"], run.SPLIT)
+                                                                       data["fingerprint"], protocol.SPLIT)
         key = hashlib.sha1(json.dumps(s, sort_keys=True).encode()).hexdigest()[:10]
         digit = s["held_out_digit"]
         stem = f"{s['model']}-z{s['latent_dim']}-s{s['seed']}" + ("" if digit is None else f"-no{digit}")
@@ -3201,8 +3200,8 @@ def test_training_jobs_settings_and_checkpoint_names_keep_their_layout(tiny_data
 def test_anomaly_latents_option_and_separate_checkpoints(tiny_data):
     args, data = _tiny_run_data(tiny_data, "--models", "shallow", "--anomaly-latents", "20")
     assert args.anomaly_latents == [2, 20]
-    jobs = run.training_jobs(args, data, "out")
-    by_key = {run._key(j): j for j in jobs}
+    jobs = trainings.training_jobs(args, data, "out")
+    by_key = {trainings._key(j): j for j in jobs}
     assert set(by_key) == {(n, z, 42, d) for n in ("shallow", "pca")
                            for z, d in [(20, None), (2, 1), (20, 1)]}
     full, held_out = by_key["shallow", 20, 42, None], by_key["shallow", 20, 42, 1]
@@ -3211,7 +3210,7 @@ def test_anomaly_latents_option_and_separate_checkpoints(tiny_data):
     assert set(data["y_all"][held_out["idx"]]) == set(range(10)) - {1}
     for bad in ("0", "x", "2,600"):
         with pytest.raises(SystemExit, match="--anomaly-latents"):
-            run.parse_args(["--anomaly-latents", bad])
+            cli.parse_args(["--anomaly-latents", bad])
 
 
 def _claim(s, claim, names=tuple(ae.MODELS), digits=(1,)):
@@ -3338,32 +3337,32 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
 
 def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
     s = lambda latent, digit: {"latent_dim": latent, "held_out_digit": digit}
-    assert not run.sweep_only(s(run.LATENT, None)) and not run.sweep_only(s(run.LATENT_ANOMALY, None))
-    assert not run.sweep_only(s(run.LATENT_ANOMALY, run.ANOMALY_DIGIT))     # the latent maps use it
-    assert run.sweep_only(s(run.LATENT_ANOMALY, 0)) and run.sweep_only(s(run.LATENT_ANOMALY, 9))
-    assert run.sweep_only(s(run.LATENT, run.ANOMALY_DIGIT)) and run.sweep_only(s(3, run.ANOMALY_DIGIT))
+    assert not cells.sweep_only(s(protocol.LATENT, None)) and not cells.sweep_only(s(protocol.LATENT_ANOMALY, None))
+    assert not cells.sweep_only(s(protocol.LATENT_ANOMALY, protocol.ANOMALY_DIGIT))     # the latent maps use it
+    assert cells.sweep_only(s(protocol.LATENT_ANOMALY, 0)) and cells.sweep_only(s(protocol.LATENT_ANOMALY, 9))
+    assert cells.sweep_only(s(protocol.LATENT, protocol.ANOMALY_DIGIT)) and cells.sweep_only(s(3, protocol.ANOMALY_DIGIT))
 
 
 def test_checkpoint_name_is_the_training_and_the_hash_of_every_setting():
     s = {"model": "vae", "latent_dim": 2, "seed": 43, "held_out_digit": 7, "epochs": 60}
-    name = run.checkpoint_name(s)
+    name = trainings.checkpoint_name(s)
     assert name.startswith("vae-z2-s43-no7-") and name.endswith(".pt") and len(name) == len("vae-z2-s43-no7-.pt") + 10
-    assert run.checkpoint_name({**s, "held_out_digit": None}).startswith("vae-z2-s43-")
-    assert "-no" not in run.checkpoint_name({**s, "held_out_digit": None})
-    assert run.checkpoint_name({**s, "epochs": 59}) != name                  # any setting changes the hash
-    assert run.checkpoint_name(dict(reversed(list(s.items())))) == name      # the order of the keys does not
+    assert trainings.checkpoint_name({**s, "held_out_digit": None}).startswith("vae-z2-s43-")
+    assert "-no" not in trainings.checkpoint_name({**s, "held_out_digit": None})
+    assert trainings.checkpoint_name({**s, "epochs": 59}) != name                  # any setting changes the hash
+    assert trainings.checkpoint_name(dict(reversed(list(s.items())))) == name      # the order of the keys does not
 
 
 def test_write_cells_reads_back_one_line_per_cell(tmp_path):
-    path = str(tmp_path / run.CELLS)
-    cells = {f"m{i}.pt": {"settings": {"seed": i}, "anomaly": {"anomaly_auc": float("nan") if i else 0.5},
+    path = str(tmp_path / cells.CELLS)
+    kept = {f"m{i}.pt": {"settings": {"seed": i}, "anomaly": {"anomaly_auc": float("nan") if i else 0.5},
                           "history": {"seconds": 1.0}} for i in range(3)}
-    run.write_cells(path, cells)
-    back = run.read_cells(path)
-    assert back.keys() == cells.keys() and back["m0.pt"] == cells["m0.pt"] and np.isnan(back["m1.pt"]["anomaly"]["anomaly_auc"])
+    cells.write_cells(path, kept)
+    back = cells.read_cells(path)
+    assert back.keys() == kept.keys() and back["m0.pt"] == kept["m0.pt"] and np.isnan(back["m1.pt"]["anomaly"]["anomaly_auc"])
     assert [line.strip()[:7] for line in pathlib.Path(path).read_text().splitlines()[2:-1]] == ['"m0.pt"', '"m1.pt"', '"m2.pt"']
-    run.write_cells(path, {})
-    assert run.read_cells(path) == {}
+    cells.write_cells(path, {})
+    assert cells.read_cells(path) == {}
 
 
 _SWEEP = ["--models", "shallow", "--quick", "--jobs", "1", "--anomaly-digits", "0,3", "--anomaly-latents", "2,20"]
@@ -3373,7 +3372,7 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
     argv = ["--data-dir", str(tiny_data), "--no-download", "--out", str(tmp_path), "--epochs", "1", *_SWEEP]
     first = run.main(argv)
     out, anomaly = tmp_path / "mnist", lambda r: {k: v for k, v in r["metrics"].items() if k.startswith("anomaly")}
-    kept = json.loads((out / run.CELLS).read_text())["cells"]
+    kept = json.loads((out / cells.CELLS).read_text())["cells"]
     # exactly the anomaly-only trainings: digits 0 and 3 at latent 2, digit 1 at latent 20; never
     # the article's digit at latent 2, nor the latent-20 models of the other tasks
     assert {(c["settings"]["model"], c["settings"]["latent_dim"], c["settings"]["held_out_digit"])
@@ -3381,7 +3380,7 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
     records = {t["checkpoint"]: t for t in first["trainings"]}
     assert sum("scored" in t for t in first["trainings"]) == len(kept) == 6
     for name, cell in kept.items():
-        assert sorted(cell["anomaly"]) == sorted(run.ANOMALY_METRICS)
+        assert sorted(cell["anomaly"]) == sorted(cells.ANOMALY_METRICS)
         assert cell["scored"]["git_commit"] == first["environment"]["git_commit"]
         assert records[name]["scored"] == cell["scored"] and records[name]["seconds"] == cell["history"]["seconds"]
     assert "anomaly-only trainings enter as their scores" in (out / "REPORT.md").read_text()
@@ -3393,16 +3392,16 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
     assert calls == [] and anomaly(second) == anomaly(first)
     assert all(t["reused"] for t in second["trainings"])
     # a cell kept with other settings, or without one of its numbers, is trained and scored again
-    doc = json.loads((out / run.CELLS).read_text())
+    doc = json.loads((out / cells.CELLS).read_text())
     stale, partial, *_ = sorted(n for n in doc["cells"] if n.startswith("shallow"))
     doc["cells"][stale]["settings"]["epochs"] = 2
     del doc["cells"][partial]["anomaly"]["anomaly_auprc"]
-    (out / run.CELLS).write_text(json.dumps(doc))
+    (out / cells.CELLS).write_text(json.dumps(doc))
     args, data = _tiny_run_data(tiny_data, *_SWEEP)
-    run.train_all(run.training_jobs(args, data, str(out)), data, args, torch.device("cpu"), str(out / run.CELLS), {})
+    trainings.train_all(trainings.training_jobs(args, data, str(out)), data, args, torch.device("cpu"), str(out / cells.CELLS), {})
     assert len(calls) == 2 and {c["model"].latent_dim for c in calls} == {2}
-    fixed = json.loads((out / run.CELLS).read_text())["cells"]
-    assert fixed[stale]["settings"]["epochs"] == 1 and sorted(fixed[partial]["anomaly"]) == sorted(run.ANOMALY_METRICS)
+    fixed = json.loads((out / cells.CELLS).read_text())["cells"]
+    assert fixed[stale]["settings"]["epochs"] == 1 and sorted(fixed[partial]["anomaly"]) == sorted(cells.ANOMALY_METRICS)
     assert {n: c for n, c in fixed.items() if n not in (stale, partial)} == {
         n: c for n, c in doc["cells"].items() if n not in (stale, partial)}
 
@@ -3411,15 +3410,15 @@ def test_a_kept_cell_holds_exactly_what_the_anomaly_task_gives_its_model(tiny_da
     # a stochastic model, the second seed: the cell is scored with the training's own seed
     args, data = _tiny_run_data(tiny_data, "--models", "vae", "--quick", "--jobs", "1", "--seeds", "2",
                                 "--anomaly-digits", "0")
-    jobs = [j for j in run.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "vae"]
-    trained, _ = run.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / run.CELLS), {})
+    jobs = [j for j in trainings.training_jobs(args, data, str(tmp_path)) if j["settings"]["model"] == "vae"]
+    _, kept, _ = trainings.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / cells.CELLS), {})
     for job in jobs:
-        if not run.sweep_only(job["settings"]):
+        if not cells.sweep_only(job["settings"]):
             continue
         seed = job["settings"]["seed"]
         model, meta = ae.load(job["path"])
         m, _ = run.task_anomaly({(2, 0): {"vae": model}}, data, seed)
-        assert trained[run._key(job)][1]["anomaly"] == {k: m[k + "_digit_0"]["vae"] for k in run.ANOMALY_METRICS}
+        assert kept[trainings._key(job)]["anomaly"] == {k: m[k + "_digit_0"]["vae"] for k in cells.ANOMALY_METRICS}
         other, _ = run.task_anomaly({(2, 0): {"vae": model}}, data, seed + 1)
         assert other["anomaly_auc_digit_0"]["vae"] != m["anomaly_auc_digit_0"]["vae"]   # the seed matters
 
@@ -3427,8 +3426,8 @@ def test_a_kept_cell_holds_exactly_what_the_anomaly_task_gives_its_model(tiny_da
 def test_train_all_trains_the_sweep_cells_first_and_an_interruption_keeps_their_scores(
         tiny_data, tmp_path, monkeypatch):
     args, data = _tiny_run_data(tiny_data, *_SWEEP)
-    jobs = run.training_jobs(args, data, str(tmp_path))
-    real, order = run.train_one, []
+    jobs = trainings.training_jobs(args, data, str(tmp_path))
+    real, order = trainings.train_one, []
 
     def train_one(job, *rest):
         order.append(job)
@@ -3436,11 +3435,11 @@ def test_train_all_trains_the_sweep_cells_first_and_an_interruption_keeps_their_
             raise KeyboardInterrupt
         return real(job, *rest)
 
-    monkeypatch.setattr(run, "train_one", train_one)
+    monkeypatch.setattr(trainings, "train_one", train_one)
     with pytest.raises(KeyboardInterrupt):
-        run.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / run.CELLS), {"git_commit": "abc"})
-    assert [run.sweep_only(j["settings"]) for j in order] == [True] * 6 + [False]
-    kept = json.loads((tmp_path / run.CELLS).read_text())["cells"]
+        trainings.train_all(jobs, data, args, torch.device("cpu"), str(tmp_path / cells.CELLS), {"git_commit": "abc"})
+    assert [cells.sweep_only(j["settings"]) for j in order] == [True] * 6 + [False]
+    kept = json.loads((tmp_path / cells.CELLS).read_text())["cells"]
     assert sorted(kept) == sorted(os.path.basename(j["path"]) for j in order[:6])
     assert all(c["scored"]["git_commit"] == "abc" and c["scored"]["cpu"] is None for c in kept.values())
 
@@ -3512,7 +3511,7 @@ def test_pixel_references_see_only_the_labelled_images(tiny_data, monkeypatch):
         m, curve = run.task_pixel_references({**data, "y_test": y_test}, 42, quick=True)
         monkeypatch.undo()
         runs.append(seen)
-        assert all(set(by_model) == {run.PIXELS} for by_model in m.values())
+        assert all(set(by_model) == {protocol.PIXELS} for by_model in m.values())
         assert set(m) == {"probe_accuracy", "probe_accuracy_articles_probe", "knn_probe_accuracy"} | {
             f"probe_accuracy_{b}_labels" for b in curve} and sorted(curve) == [10, 100]
         train_sets = [probe] + [run._budget_draw(data, b // tasks.N_CLASSES, 42) for b in sorted(curve)]
@@ -3541,16 +3540,16 @@ def test_pixel_references_see_only_the_labelled_images(tiny_data, monkeypatch):
 def test_report_puts_the_pixels_row_after_the_contestants():
     cell = lambda v: {"mean": v, "std": 0.0, "runs": [v]}
     names = ["vanilla", "vae"]
-    m = {metric: {n: cell(0.5) for n in names + [run.PIXELS]} for metric in (
+    m = {metric: {n: cell(0.5) for n in names + [protocol.PIXELS]} for metric in (
         "probe_accuracy", "probe_accuracy_articles_probe", "knn_probe_accuracy", "probe_accuracy_10_labels")}
     text = report.report_classification(m, names, {"probe_labels": 550, "quick": False}, article=True)
     first_cells = [line.split("|")[1].strip() for line in text.splitlines() if line.startswith("| ")]
     tables = " ".join(first_cells).split("model")[1:]          # the accuracy and the label-budget table
     assert len(tables) == 2
     for table in tables:
-        assert table.split()[:2] == names and table.split()[2].startswith(f"*{run.PIXELS}")
-    assert f"*{run.PIXELS}" not in report.report_classification(
-        {k: {n: v for n, v in by.items() if n != run.PIXELS} for k, by in m.items()},
+        assert table.split()[:2] == names and table.split()[2].startswith(f"*{protocol.PIXELS}")
+    assert f"*{protocol.PIXELS}" not in report.report_classification(
+        {k: {n: v for n, v in by.items() if n != protocol.PIXELS} for k, by in m.items()},
         names, {"probe_labels": 550, "quick": False}, article=True)
 
 
@@ -3606,17 +3605,17 @@ def _write_idx_set(folder, n_train, n_test, seed):
 def wiring(tmp_path_factory):
     """(folder, args, data) of a data set whose protocol sets are all different sets."""
     folder = _write_idx_set(tmp_path_factory.mktemp("wiring"), N_WIRING_TRAIN, N_WIRING_TEST, seed=1)
-    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "1", "--jobs", "1"])
-    return folder, args, run.load_data(args)
+    args = cli.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "1", "--jobs", "1"])
+    return folder, args, trainings.load_data(args)
 
 
 def test_wiring_fixture_sets_are_distinct(wiring):
     _, _, data = wiring
     train, val, probe = (set(data[k].tolist()) for k in ("train_idx", "val_idx", "probe_idx"))
-    no_ones = set(mnist.drop_class(data["train_idx"], data["y_all"], run.ANOMALY_DIGIT).tolist())
+    no_ones = set(mnist.drop_class(data["train_idx"], data["y_all"], protocol.ANOMALY_DIGIT).tolist())
     # the 550 labelled images are a strict part of the training part, which the anomaly runs'
     # training set is another strict part of; validation is apart; test images are other images
-    assert len(probe) == run.N_PROBE and probe < train and no_ones < train and not probe <= no_ones
+    assert len(probe) == protocol.N_PROBE and probe < train and no_ones < train and not probe <= no_ones
     assert not train & val and len(val) != len(data["x_test"]) != len(probe)
     test_rows = {row.tobytes() for row in data["x_test"]}
     assert not test_rows & {row.tobytes() for row in data["x_all"]}
@@ -3748,7 +3747,7 @@ def _fresh_state(name, latent, seed):
 
 def test_wiring_classification_every_number(wiring, monkeypatch):
     _, _, data = wiring
-    models = _wiring_models(["vanilla", "vae"], run.LATENT)
+    models = _wiring_models(["vanilla", "vae"], protocol.LATENT)
     w = _Wire(monkeypatch, data, models.values())
     m, _ = run.task_classification(models, data, WIRING_SEED, quick=False)
     probe, val, n_test = data["probe_idx"].tolist(), data["val_idx"].tolist(), len(data["x_test"])
@@ -3783,7 +3782,7 @@ def test_wiring_classification_every_number(wiring, monkeypatch):
                 budget = int(metric.split("_")[-2])
                 draws = [c for c in w.calls["linear_probe"] if len(c["z"][0]) == budget
                          and set(c["z"][0][:, 1]) == {index} and w.ids(c["z"][0]) != probe]
-                assert len(draws) == run.BUDGET_DRAWS
+                assert len(draws) == protocol.BUDGET_DRAWS
                 assert value == pytest.approx(np.mean([c["token"] for c in draws]), abs=1e-12)
                 train = data["train_idx"]
                 for i, c in enumerate(draws):
@@ -3804,7 +3803,7 @@ def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
     _, _, data = wiring
     w = _Wire(monkeypatch, data, [])
     m = run.task_baselines(data, WIRING_SEED, torch.device("cpu"))
-    fresh = _fresh_state("vanilla", run.LATENT, WIRING_SEED)
+    fresh = _fresh_state("vanilla", protocol.LATENT, WIRING_SEED)
     encoder = {k: v for k, v in fresh.items() if k.startswith("encoder.")}
     test = [-1 - j for j in range(len(data["x_test"]))]
     assert m
@@ -3814,7 +3813,7 @@ def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
         # of the seeded vanilla model is in the probe as built, and the head reads 20 numbers
         state = list(c["state"].values())
         assert all(any(s.shape == v.shape and torch.equal(s, v) for s in state) for v in encoder.values())
-        assert any(s.shape == (tasks.N_CLASSES, run.LATENT) for s in state)
+        assert any(s.shape == (tasks.N_CLASSES, protocol.LATENT) for s in state)
         assert [w.ids(x) for x in c["x"]] == [data["probe_idx"].tolist(), data["val_idx"].tolist(), test]
         for x, y in zip(c["x"], c["y"]):
             np.testing.assert_array_equal(y, w.labels_of(w.ids(x)))
@@ -3823,8 +3822,8 @@ def test_wiring_baselines_fresh_vanilla_from_the_run_seed(wiring, monkeypatch):
 
 def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypatch):
     _, _, data = wiring
-    digits = [run.ANOMALY_DIGIT, 3]
-    models2 = {(run.LATENT_ANOMALY, d): _wiring_models(["shallow", "vae"], run.LATENT_ANOMALY, seed=d)
+    digits = [protocol.ANOMALY_DIGIT, 3]
+    models2 = {(protocol.LATENT_ANOMALY, d): _wiring_models(["shallow", "vae"], protocol.LATENT_ANOMALY, seed=d)
                for d in digits}
     w = _Wire(monkeypatch, data, [mod for by in models2.values() for mod in by.values()])
     m, _ = run.task_anomaly(models2, data, WIRING_SEED)
@@ -3833,16 +3832,16 @@ def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypat
     for metric, by_model in m.items():
         if not metric.startswith("anomaly_") or "spearman" in metric:   # rank correlations: tested apart
             continue
-        digit = int(metric.split("digit_")[1]) if "digit_" in metric else run.ANOMALY_DIGIT
+        digit = int(metric.split("digit_")[1]) if "digit_" in metric else protocol.ANOMALY_DIGIT
         for name, value in by_model.items():
-            if name not in models2[run.LATENT_ANOMALY, digit]:
+            if name not in models2[protocol.LATENT_ANOMALY, digit]:
                 continue        # a reference row (no autoencoder)
             c = w.by_token("average_precision" if "auprc" in metric else "roc_auc", value)
             np.testing.assert_array_equal(c["labels"], y_test == digit)   # positives = the digit
             signed = "signed" in metric
             scored = w.by_token("anomaly_scores", -c["score"] if signed else c["score"])
-            assert scored["model"] is models2[run.LATENT_ANOMALY, digit][name]   # trained without it
-            assert scored["model"].latent_dim == run.LATENT_ANOMALY
+            assert scored["model"] is models2[protocol.LATENT_ANOMALY, digit][name]   # trained without it
+            assert scored["model"].latent_dim == protocol.LATENT_ANOMALY
             assert scored["ids"] == test and scored["seeded"]
             checked.add((metric, name))
     assert {(k, n) for k in ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score",
@@ -3851,13 +3850,13 @@ def test_wiring_anomaly_each_digit_its_own_model_and_positives(wiring, monkeypat
 
 def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
     _, _, data = wiring
-    models = _wiring_models(["vanilla", "vae"], run.LATENT)
-    models2 = _wiring_models(["vanilla", "vae"], run.LATENT_ANOMALY)
+    models = _wiring_models(["vanilla", "vae"], protocol.LATENT)
+    models2 = _wiring_models(["vanilla", "vae"], protocol.LATENT_ANOMALY)
     w = _Wire(monkeypatch, data, list(models.values()) + list(models2.values()))
     monkeypatch.setattr(tasks, "reconstruct", lambda model, x: (model, x))
     m, shown = run.task_reconstruction(models, data, WIRING_SEED)
     for name, model in models.items():                   # the figure: the first 16 test images
-        assert shown[name][0] is model and np.array_equal(shown[name][1], data["x_test"][:run.N_SHOWN])
+        assert shown[name][0] is model and np.array_equal(shown[name][1], data["x_test"][:protocol.N_SHOWN])
     m.update(run.task_latent_structure(models, models2, data, WIRING_SEED, quick=False)[0])
     test = [-1 - j for j in range(len(data["x_test"]))]
     for name in models:
@@ -3873,21 +3872,21 @@ def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
 @pytest.mark.parametrize("quick", [True, False])
 def test_latent_maps_come_from_the_first_test_codes_and_their_cache(wiring, monkeypatch, tmp_path, quick):
     _, _, data = wiring
-    monkeypatch.setitem(run.QUICK, "map_points", 50)       # --quick maps only the first 50 test images
+    monkeypatch.setitem(protocol.QUICK, "map_points", 50)       # --quick maps only the first 50 test images
     n_map = 50 if quick else len(data["x_test"])
     torch.manual_seed(0)
-    models = {"vanilla": ae.build("vanilla", run.LATENT).eval()}
-    models2 = {"vanilla": ae.build("vanilla", run.LATENT_ANOMALY).eval()}
+    models = {"vanilla": ae.build("vanilla", protocol.LATENT).eval()}
+    models2 = {"vanilla": ae.build("vanilla", protocol.LATENT_ANOMALY).eval()}
     embedded = []
     def cached(map_dir, name, z, seed, n_epochs):
         embedded.append((map_dir, name, z, seed, n_epochs))
         return z[:, :2] * 3.0
-    monkeypatch.setattr(run, "cached_embedding", cached)
+    monkeypatch.setattr(trainings, "cached_embedding", cached)
     m, figs = run.task_latent_structure(models, models2, data, WIRING_SEED, quick, map_dir=str(tmp_path))
     (map_dir, name, z, seed, n_epochs), = embedded
     np.testing.assert_array_equal(z, tasks.encode(models["vanilla"], data["x_test"])[:n_map])
     assert (map_dir, name, seed) == (str(tmp_path), "vanilla", WIRING_SEED)
-    assert n_epochs == (run.QUICK["umap_epochs"] if quick else None)
+    assert n_epochs == (protocol.QUICK["umap_epochs"] if quick else None)
     assert set(figs) == {"maps20", "maps2", "notes20", "notes2"}
     np.testing.assert_array_equal(figs["maps20"]["vanilla"], z[:, :2] * 3.0)
     np.testing.assert_array_equal(figs["maps2"]["vanilla"], tasks.encode(models2["vanilla"], data["x_test"][:n_map]))
@@ -3905,23 +3904,23 @@ def test_cached_embedding_runs_umap_once_per_codes_seed_and_epochs(tmp_path, mon
         return z[:, :2] + seed
     monkeypatch.setattr(umap_lite, "embed", embed)
     z = np.random.default_rng(0).normal(size=(30, 4))
-    first = run.cached_embedding(str(tmp_path), "vae", z, 42, None)
+    first = trainings.cached_embedding(str(tmp_path), "vae", z, 42, None)
     np.testing.assert_array_equal(first, z[:, :2] + 42)
-    np.testing.assert_array_equal(run.cached_embedding(str(tmp_path), "vae", z, 42, None), first)
+    np.testing.assert_array_equal(trainings.cached_embedding(str(tmp_path), "vae", z, 42, None), first)
     assert runs == [(42, None)]                                   # the second call read the cache
     assert [p.parent.name for p in tmp_path.rglob("umap-vae-*.npy")] == ["cache"]
-    run.cached_embedding(str(tmp_path), "vae", z, 43, None)      # another seed,
-    run.cached_embedding(str(tmp_path), "vae", z, 42, 100)       # other epochs,
-    run.cached_embedding(str(tmp_path), "vae", z + 1, 42, None)  # other codes: each computed anew
+    trainings.cached_embedding(str(tmp_path), "vae", z, 43, None)      # another seed,
+    trainings.cached_embedding(str(tmp_path), "vae", z, 42, 100)       # other epochs,
+    trainings.cached_embedding(str(tmp_path), "vae", z + 1, 42, None)  # other codes: each computed anew
     assert runs == [(42, None), (43, None), (42, 100), (42, None)] and len(list(tmp_path.rglob("*.npy"))) == 4
-    run.cached_embedding(str(tmp_path), "vae", z, 43, None)
+    trainings.cached_embedding(str(tmp_path), "vae", z, 43, None)
     assert len(runs) == 4
 
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_get_judge_trains_once_on_the_training_part_then_loads_it(wiring, tmp_path, monkeypatch, quick):
     _, _, data = wiring
-    args = run.parse_args(["--data-dir", "x"] + (["--quick"] if quick else []))
+    args = cli.parse_args(["--data-dir", "x"] + (["--quick"] if quick else []))
     trained = []
     def train_judge(x, y, epochs, device):
         trained.append((x, y, epochs))
@@ -3929,13 +3928,13 @@ def test_get_judge_trains_once_on_the_training_part_then_loads_it(wiring, tmp_pa
         return tasks.Judge().eval()
     monkeypatch.setattr(tasks, "train_judge", train_judge)
     (tmp_path / "checkpoints").mkdir()                  # the trainings' checkpoints are there already
-    first = run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    first = trainings.get_judge(data, args, torch.device("cpu"), str(tmp_path))
     (x, y, epochs), = trained
-    assert epochs == (run.QUICK["judge_epochs"] if quick else run.JUDGE_EPOCHS)
+    assert epochs == (protocol.QUICK["judge_epochs"] if quick else protocol.JUDGE_EPOCHS)
     assert np.array_equal(x, data["x_all"][data["train_idx"]]) and np.array_equal(y, data["y_all"][data["train_idx"]])
     saved, = (tmp_path / "checkpoints").glob("judge-*.pt")
     assert data["fingerprint"] in saved.name and f"-e{epochs}-" in saved.name
-    second = run.get_judge(data, args, torch.device("cpu"), str(tmp_path))
+    second = trainings.get_judge(data, args, torch.device("cpu"), str(tmp_path))
     assert len(trained) == 1 and not second.training
     for a, b in zip(first.state_dict().values(), second.state_dict().values()):
         assert torch.equal(a, b)
@@ -3943,7 +3942,7 @@ def test_get_judge_trains_once_on_the_training_part_then_loads_it(wiring, tmp_pa
 
 def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
     _, _, data = wiring
-    models = _wiring_models(["vanilla", "vae", "vq"], run.LATENT)
+    models = _wiring_models(["vanilla", "vae", "vq"], protocol.LATENT)
     w = _Wire(monkeypatch, data, models.values())
     judge, mixtures = object(), []
 
@@ -3958,7 +3957,7 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
     # the ex-post mixtures: fitted on the training codes, chosen on the validation codes, run seed
     assert mixtures and all(tr in (list(data["train_idx"]), len(data["train_idx"])) and s == WIRING_SEED
                             and va in (list(data["val_idx"]), len(data["val_idx"])) for tr, va, s in mixtures)
-    first = tuple(-1 - j for j in range(min(run.N_GENERATED, len(data["x_test"]))))
+    first = tuple(-1 - j for j in range(min(protocol.N_GENERATED, len(data["x_test"]))))
     checked = set()
     for metric, by_model in m.items():
         for name, value in by_model.items():
@@ -3967,7 +3966,7 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
                 probs, features, test_features = (w.by_token("judge_images", t) for t in c["of"])
                 drawn = w.by_token("sample", probs["source"])
                 assert drawn["model"] is models[name] and name in ae.GENERATIVE
-                assert drawn["n"] == run.N_GENERATED and drawn["seeded"]
+                assert drawn["n"] == protocol.N_GENERATED and drawn["seeded"]
                 assert features is probs and test_features["source"] == first
                 assert probs["judge"] is judge and test_features["judge"] is judge
             elif metric.startswith("interpolation_"):
@@ -3987,12 +3986,12 @@ def test_wiring_generation_samples_and_interpolations(wiring, monkeypatch):
 def test_generation_numbers_and_figures_come_from_each_sampler_and_path(wiring, monkeypatch):
     _, _, data = wiring
     rng = np.random.default_rng(0)
-    drawn = {"vanilla": ({"_gmm": rng.random((run.N_GENERATED, 1024))}, {"_gmm": 3}),
-             "vae": ({"": rng.random((run.N_GENERATED, 1024)), "_gmm": rng.random((run.N_GENERATED, 1024))},
+    drawn = {"vanilla": ({"_gmm": rng.random((protocol.N_GENERATED, 1024))}, {"_gmm": 3}),
+             "vae": ({"": rng.random((protocol.N_GENERATED, 1024)), "_gmm": rng.random((protocol.N_GENERATED, 1024))},
                      {"_gmm": 5})}
     def draw(model, x_all, train_idx, val_idx, n, seed):     # the run's sets, size and seed reach it
         assert x_all is data["x_all"] and train_idx is data["train_idx"] and val_idx is data["val_idx"]
-        assert (n, seed) == (run.N_GENERATED, WIRING_SEED)
+        assert (n, seed) == (protocol.N_GENERATED, WIRING_SEED)
         return drawn[model.name]
     monkeypatch.setattr(tasks, "draw_samples", draw)
     paths = {}
@@ -4002,16 +4001,16 @@ def test_generation_numbers_and_figures_come_from_each_sampler_and_path(wiring, 
     monkeypatch.setattr(tasks, "interpolate", interpolate)
     torch.manual_seed(0)
     judge = tasks.Judge().eval()
-    models = {n: ae.build(n, run.LATENT).eval() for n in ("vanilla", "vae")}
+    models = {n: ae.build(n, protocol.LATENT).eval() for n in ("vanilla", "vae")}
     m, figs = run.task_generation(models, data, judge, WIRING_SEED)
-    _, test_features = tasks.judge_images(judge, data["x_test"][:run.N_GENERATED])
+    _, test_features = tasks.judge_images(judge, data["x_test"][:protocol.N_GENERATED])
     for name, (samples, components) in drawn.items():
         for suffix, generated in samples.items():
             q = tasks.sample_quality(*tasks.judge_images(judge, generated), test_features)
             assert m[f"sample_legibility{suffix}"][name] == q["legibility"]
             assert m[f"sample_frechet{suffix}"][name] == pytest.approx(q["frechet"])
-            sampler = run.SAMPLERS[suffix]
-            np.testing.assert_array_equal(figs["samples"][name][sampler], generated[:run.N_SHOWN])
+            sampler = protocol.SAMPLERS[suffix]
+            np.testing.assert_array_equal(figs["samples"][name][sampler], generated[:protocol.N_SHOWN])
             assert figs["notes"][name][sampler].startswith(f"legible {q['legibility']:.2f} | diversity ")
         assert m["sample_components_gmm"][name] == components["_gmm"]
     for (name, fixed), frames in paths.items():
@@ -4026,12 +4025,12 @@ def test_generation_numbers_and_figures_come_from_each_sampler_and_path(wiring, 
 @pytest.mark.parametrize("first", [True, False])
 def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch, first):
     _, _, data = wiring
-    args = run.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
+    args = cli.parse_args(["--data-dir", "x", "--models", "vanilla,vae", "--seeds", "2",
                            "--anomaly-digits", "1,3", "--quick"])
     names = args.models + list(ae.REFERENCES)          # the contestants, then pca
     trained = {(n, z, s, d): (object(), {"history": {"seconds": float(s + z + (d or 0))}})
-               for n in names for s in run.seeds_of(args)
-               for z, d in [(run.LATENT, None)] + [(run.LATENT_ANOMALY, d) for d in args.anomaly_digits]}
+               for n in names for s in trainings.seeds_of(args)
+               for z, d in [(protocol.LATENT, None)] + [(protocol.LATENT_ANOMALY, d) for d in args.anomaly_digits]}
     got, device = {}, torch.device("cpu")
     steps = {"reconstruction": "reconstruction", "classification": "classification", "baselines": "baselines",
              "anomaly": "anomaly", "generation": "generation", "latent_structure": "latent",
@@ -4039,14 +4038,14 @@ def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch
     for task, step in steps.items():
         # each task returns one metric of its own, and the pixels add a row to classification's
         metrics = {f"m_{task}": {"vanilla": task}} if task != "pixel_references" else {
-            "m_classification": {run.PIXELS: "pixels"}}
+            "m_classification": {protocol.PIXELS: "pixels"}}
         monkeypatch.setattr(run, f"task_{task}", lambda *a, _t=task, _m=metrics, **k: got.setdefault(_t, (a, k))
                             and (_m if _t == "baselines" else (_m, f"figures of {_t}")))
-    for seed in run.seeds_of(args):
+    for seed in trainings.seeds_of(args):
         got.clear()
         m, figs = run.run_gauntlet(trained, data, args, seed, "judge", device, "out", first=first)
-        latent20 = {n: trained[(n, run.LATENT, seed, None)][0] for n in names}
-        anomaly = {(run.LATENT_ANOMALY, d): {n: trained[(n, run.LATENT_ANOMALY, seed, d)][0] for n in names}
+        latent20 = {n: trained[(n, protocol.LATENT, seed, None)][0] for n in names}
+        anomaly = {(protocol.LATENT_ANOMALY, d): {n: trained[(n, protocol.LATENT_ANOMALY, seed, d)][0] for n in names}
                    for d in (1, 3)}
         call = lambda task: (tuple(a if a is not data else "data" for a in got[task][0]), got[task][1])
         assert call("reconstruction") == ((latent20, "data", seed), {})
@@ -4055,10 +4054,10 @@ def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch
         assert call("baselines") == (("data", seed, device), {})
         assert call("anomaly") == ((anomaly, "data", seed), {})
         assert call("generation") == ((latent20, "data", "judge", seed), {})
-        assert call("latent_structure") == ((latent20, anomaly[run.LATENT_ANOMALY, run.ANOMALY_DIGIT], "data",
+        assert call("latent_structure") == ((latent20, anomaly[protocol.LATENT_ANOMALY, protocol.ANOMALY_DIGIT], "data",
                                              seed, True, "out" if first else None), {})
-        assert m["training_seconds"] == {n: float(seed + run.LATENT) for n in names}
-        assert m["m_classification"] == {"vanilla": "classification", run.PIXELS: "pixels"}
+        assert m["training_seconds"] == {n: float(seed + protocol.LATENT) for n in names}
+        assert m["m_classification"] == {"vanilla": "classification", protocol.PIXELS: "pixels"}
         assert all(m[f"m_{task}"] == {"vanilla": task} for task in steps if task not in ("pixel_references",
                                                                                          "classification"))
         assert figs == {step: (None if task == "baselines" else f"figures of {task}") for task, step in steps.items()}
@@ -4079,22 +4078,22 @@ def _spy_fit(monkeypatch):
 
 def test_wiring_trainings_model_seed_and_images(wiring, tmp_path, monkeypatch):
     folder, _, data = wiring
-    args = run.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "2", "--jobs", "1",
+    args = cli.parse_args(["--data-dir", str(folder), "--no-download", "--epochs", "2", "--jobs", "1",
                            "--models", "shallow,vae", "--seeds", "2", "--anomaly-digits", "1,3",
                            "--batch-size", "64", "--lr", "0.002"])
     calls = _spy_fit(monkeypatch)
-    jobs = run.training_jobs(args, data, str(tmp_path))
+    jobs = trainings.training_jobs(args, data, str(tmp_path))
     for job in jobs:
-        run.train_one(job, data, torch.device("cpu"))
+        trainings.train_one(job, data, torch.device("cpu"))
     row = {r.tobytes(): i for i, r in enumerate(data["x_all"])}
     train, val = data["train_idx"], data["val_idx"]
     # PROTOCOL.md 3: per seed and model, latent 20 on the full training part and latent 2 without
     # each held-out digit
     want = sorted((n, z, s, d) for n in ("shallow", "vae", "pca") for s in (42, 43)
                   for z, d in [(20, None), (2, 1), (2, 3)])
-    assert sorted(run._key(j) for j in jobs) == want and len(calls) == len(want)
+    assert sorted(trainings._key(j) for j in jobs) == want and len(calls) == len(want)
     for job, c in zip(jobs, calls):
-        name, latent, seed, digit = run._key(job)
+        name, latent, seed, digit = trainings._key(job)
         assert c["model"].name == name and c["model"].latent_dim == latent
         assert _same(c["state"], _fresh_state(name, latent, seed))      # seeded before building
         assert c.get("seed") == seed                                    # ... and before training
@@ -4112,11 +4111,11 @@ def test_wiring_checkpoints_reused_only_with_the_same_settings_and_training_set(
     calls = _spy_fit(monkeypatch)
 
     def trained(*extra, data_dir=folder):
-        args = run.parse_args(["--data-dir", str(data_dir), "--no-download", "--epochs", "1",
+        args = cli.parse_args(["--data-dir", str(data_dir), "--no-download", "--epochs", "1",
                                "--jobs", "1", "--models", "shallow", *extra])
         before = len(calls)
-        d = run.load_data(args)
-        run.train_all(run.training_jobs(args, d, str(tmp_path)), d, args, torch.device("cpu"))
+        d = trainings.load_data(args)
+        trainings.train_all(trainings.training_jobs(args, d, str(tmp_path)), d, args, torch.device("cpu"))
         return len(calls) - before
 
     # shallow and the pca reference, each at latent 20 and at latent 2 without the ones
@@ -4188,7 +4187,7 @@ def test_audit_of_an_older_run_without_references_or_new_metrics_marks_those_cla
 @pytest.mark.parametrize("dataset", ["mnist", "fashion"])
 def test_committed_reports_are_what_report_py_renders_from_their_results(dataset, tmp_path):
     # every committed REPORT.md is the current code's rendering of the results.json beside it:
-    # after a change to the report or a claim, re-render with `python report.py results/<dataset>`
+    # after a change to the report or a claim, re-render with `python -m harness.report results/<dataset>`
     folder = pathlib.Path(run.__file__).parent / "results" / dataset
     path = report.write_report(report.read_results(str(folder)), str(tmp_path))
     assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
@@ -4204,17 +4203,17 @@ def test_committed_anomaly_cells_are_the_sweeps_own_and_untouched(dataset):
     # results/<dataset>/anomaly_cells.json carries the sweep between machines: each cell is an
     # anomaly-only training at the protocol's settings, named by the hash of exactly those
     # settings (a hand edit breaks it), with all its numbers, scored from a clean tree
-    path = pathlib.Path(run.__file__).parent / "results" / dataset / run.CELLS
+    path = pathlib.Path(run.__file__).parent / "results" / dataset / cells.CELLS
     if not path.exists():
-        pytest.skip(f"no {run.CELLS} committed for {dataset}")
-    cells = json.loads(path.read_text())["cells"]
-    assert cells
-    for name, cell in cells.items():
+        pytest.skip(f"no {cells.CELLS} committed for {dataset}")
+    kept = json.loads(path.read_text())["cells"]
+    assert kept
+    for name, cell in kept.items():
         s = cell["settings"]
-        assert run.sweep_only(s) and run.checkpoint_name(s) == name
+        assert cells.sweep_only(s) and trainings.checkpoint_name(s) == name
         assert (s["epochs"], s["batch_size"], s["lr"], s["dataset"], s["split"]) == (
-            run.EPOCHS, 256, 1e-3, dataset, run.SPLIT)
-        assert sorted(cell["anomaly"]) == sorted(run.ANOMALY_METRICS)
+            protocol.EPOCHS, 256, 1e-3, dataset, protocol.SPLIT)
+        assert sorted(cell["anomaly"]) == sorted(cells.ANOMALY_METRICS)
         assert all(0 <= cell["anomaly"][k] <= 1 for k in ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score"))
         assert cell["scored"]["git_dirty"] is False and len(cell["scored"]["git_commit"]) == 40
         assert cell["history"]["seconds"] > 0
@@ -4820,7 +4819,7 @@ def test_thread_count_changes_a_training_step_only_by_rounding(name):
     x = (torch.rand(256, ae.INPUT_DIM, generator=torch.Generator().manual_seed(0)) < 0.2).float()
     steps = []
     for t in (1, 2):
-        with run.torch_threads(t):
+        with workers.torch_threads(t):
             ae.set_seed(0)
             model = ae.build(name)
             init = {k: v.clone() for k, v in model.state_dict().items()}
@@ -4841,13 +4840,13 @@ def test_thread_count_changes_a_training_step_only_by_rounding(name):
 def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_path):
     models = ["--models", "shallow,vanilla,vae"]
     args, data = _tiny_run_data(tiny_data, "--quick", "--jobs", "2", *models)
-    jobs = run.training_jobs(args, data, str(tmp_path / "parallel"))
-    parallel, plan = run.train_all(jobs, data, args, torch.device("cpu"))
+    jobs = trainings.training_jobs(args, data, str(tmp_path / "parallel"))
+    parallel, _, plan = trainings.train_all(jobs, data, args, torch.device("cpu"))
     assert plan["jobs"] == 2
     args1, _ = _tiny_run_data(tiny_data, "--quick", "--jobs", "1", *models)
-    with run.torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
-        alone, _ = run.train_all(run.training_jobs(args1, data, str(tmp_path / "alone")), data, args1,
-                                 torch.device("cpu"))
+    with workers.torch_threads(plan["threads_per_job"]):        # the same thread count as each worker
+        alone, _, _ = trainings.train_all(trainings.training_jobs(args1, data, str(tmp_path / "alone")), data,
+                                          args1, torch.device("cpu"))
     assert parallel.keys() == alone.keys() and len(alone) == 8   # 3 contestants + pca, 2 latents
     for key, (model, meta) in alone.items():
         other = parallel[key][0].state_dict()
@@ -4861,7 +4860,7 @@ def test_train_all_parallel_jobs_give_bitwise_identical_weights(tiny_data, tmp_p
 def test_train_all_parallel_failure_stops_with_one_line(tiny_data, tmp_path):
     args, data = _tiny_run_data(tiny_data, "--quick", "--jobs", "2", "--models", "shallow", "--lr", "1e30")
     with pytest.raises(SystemExit) as err:
-        run.train_all(run.training_jobs(args, data, str(tmp_path)), data, args, torch.device("cpu"))
+        trainings.train_all(trainings.training_jobs(args, data, str(tmp_path)), data, args, torch.device("cpu"))
     message = str(err.value.code).strip()
     assert "\n" not in message and "Traceback" not in message
     assert message.startswith("run.py: error: shallow") and "loss became nan" in message
@@ -4936,9 +4935,9 @@ def test_run_parallel_killed_stops_workers_and_resumes(tiny_data, tmp_path, how)
     for path in finished:
         ae.load(path)
     args, data = _tiny_run_data(tiny_data, *argv[3:])
-    jobs = run.training_jobs(args, data, str(tmp_path / "mnist"))
+    jobs = trainings.training_jobs(args, data, str(tmp_path / "mnist"))
     assert 0 < len(finished) < len(jobs)
-    assert sorted(job["path"] for job in jobs if run._finished(job)) == finished
+    assert sorted(job["path"] for job in jobs if trainings._finished(job)) == finished
 
 
 # ---- run.py: no traps for a newcomer (checks before any work, output folders, status line, report text)
@@ -4978,14 +4977,14 @@ def test_run_bad_setup_stops_with_one_line_before_any_work(tiny_data, tmp_path, 
         monkeypatch.setattr(tempfile, "TemporaryFile", refuse)
     elif case.startswith("cells"):
         (out / "mnist").mkdir(parents=True)
-        (out / "mnist" / run.CELLS).write_text('{"cells": {"x.pt": {"settings": {}}}}' if case.endswith("part")
+        (out / "mnist" / cells.CELLS).write_text('{"cells": {"x.pt": {"settings": {}}}}' if case.endswith("part")
                                                else '{"cells": {"x.pt": ')
     elif case.startswith("device"):
         if case == "device cuda" and torch.cuda.is_available():
             pytest.skip("a CUDA GPU is there")
         argv += ["--device", case.split()[1]]
     before = _files(tmp_path)
-    monkeypatch.setattr(run, "train_all", lambda *a: pytest.fail("trained despite a bad setup"))
+    monkeypatch.setattr(trainings, "train_all", lambda *a: pytest.fail("trained despite a bad setup"))
     with pytest.raises(SystemExit) as err:
         run.main(argv)
     message = str(err.value.code)
@@ -4994,34 +4993,34 @@ def test_run_bad_setup_stops_with_one_line_before_any_work(tiny_data, tmp_path, 
 
 
 def test_run_preflight_passes_a_folder_still_to_be_made_and_makes_nothing(tmp_path):
-    args = run.parse_args(["--out", str(tmp_path / "new" / "deeper"), "--device", "cpu"])
-    assert run.preflight(args) == torch.device("cpu")
+    args = cli.parse_args(["--out", str(tmp_path / "new" / "deeper"), "--device", "cpu"])
+    assert cli.preflight(args) == torch.device("cpu")
     assert _files(tmp_path) == []
 
 
 def test_run_default_out_is_not_the_committed_results():
-    assert run.parse_args([]).out == run.OUT != "results"
-    assert run.parse_args(["--quick"]).out == run.QUICK_OUT != run.OUT
-    assert run.parse_args(["--quick", "--out", "results"]).out == "results"
+    assert cli.parse_args([]).out == cli.OUT != "results"
+    assert cli.parse_args(["--quick"]).out == cli.QUICK_OUT != cli.OUT
+    assert cli.parse_args(["--quick", "--out", "results"]).out == "results"
     ignored = open(os.path.join(os.path.dirname(run.__file__), ".gitignore")).read().split()
-    assert run.OUT + "/" in ignored and run.QUICK_OUT.startswith(run.OUT + os.sep)
+    assert cli.OUT + "/" in ignored and cli.QUICK_OUT.startswith(cli.OUT + os.sep)
 
 
 def test_run_keeps_a_report_made_with_other_settings(tmp_path):
     argv = ["--out", str(tmp_path), "--seeds", "3", "--device", "cpu"]
-    args = run.parse_args(argv)
+    args = cli.parse_args(argv)
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "results.json").write_text(
-        json.dumps({"config": {**vars(args), "seeds": run.seeds_of(args)}}))
-    run.preflight(args)                                   # the same settings: continue, regenerate
-    run.preflight(run.parse_args(argv + ["--jobs", "1"]))   # how it runs is not what it reports
+        json.dumps({"config": {**vars(args), "seeds": trainings.seeds_of(args)}}))
+    cli.preflight(args)                                   # the same settings: continue, regenerate
+    cli.preflight(cli.parse_args(argv + ["--jobs", "1"]))   # how it runs is not what it reports
     for other, change in [([], "seeds 42,43,44 -> 42"), (["--quick"], "quick False -> True"),
                           (["--models", "vq"], "-> vq")]:
         with pytest.raises(SystemExit) as err:
-            run.preflight(run.parse_args(["--out", str(tmp_path), "--device", "cpu", *other]))
+            cli.preflight(cli.parse_args(["--out", str(tmp_path), "--device", "cpu", *other]))
         message = str(err.value.code)
         assert change in message and "--replace" in message and "\n" not in message
-    run.preflight(run.parse_args(["--out", str(tmp_path), "--device", "cpu", "--replace"]))
+    cli.preflight(cli.parse_args(["--out", str(tmp_path), "--device", "cpu", "--replace"]))
 
 
 def test_run_removes_only_the_figures_this_run_did_not_write(tmp_path):
@@ -5035,7 +5034,7 @@ def test_run_removes_only_the_figures_this_run_did_not_write(tmp_path):
     for name in fresh:
         (tmp_path / name).write_text("x")
     os.utime(tmp_path / "label_budgets.png", (since, since))   # written the instant the run began
-    report.remove_stale_figures(tmp_path, since)
+    figures.remove_stale_figures(tmp_path, since)
     assert _files(tmp_path) == sorted(fresh + other)
 
 
@@ -5415,13 +5414,13 @@ def _synthetic_results(n_seeds=3, digits=(1, 3)):
              for i in range(n_seeds)]
     seeds[0]["umap_trustworthiness"] = {n: 0.9 for n in ae.MODELS}     # the maps: first seed only
     names = list(ae.MODELS)
-    cfg = {"dataset": "mnist", "models": names, "seeds": [run.FIRST_SEED + i for i in range(n_seeds)],
-           "epochs": run.EPOCHS, "quick": False, "anomaly_digits": list(digits), "anomaly_latents": [2, 20],
+    cfg = {"dataset": "mnist", "models": names, "seeds": [protocol.FIRST_SEED + i for i in range(n_seeds)],
+           "epochs": protocol.EPOCHS, "quick": False, "anomaly_digits": list(digits), "anomaly_latents": [2, 20],
            "probe_labels": 550, "command": "python run.py", "device": None, "jobs": None}
     env = {"cpu": "a CPU", "gpu": None, "device": "cpu", "jobs": 2, "threads_per_job": 1}
-    trainings = [{"training": f"{n} z=20", "checkpoint": f"{n}.pt", "reused": False, "seconds": 10.0, "threads": 1}
-                 for n in names]
-    return {"config": cfg, "environment": env, "stages_seconds": {"total": 60.0}, "trainings": trainings,
+    records = [{"training": f"{n} z=20", "checkpoint": f"{n}.pt", "reused": False, "seconds": 10.0, "threads": 1}
+               for n in names]
+    return {"config": cfg, "environment": env, "stages_seconds": {"total": 60.0}, "trainings": records,
             "finished": "2026-12-01T00:00:00", "metrics": report.summarise(seeds)}
 
 
@@ -5467,8 +5466,8 @@ def test_report_anomaly_sweep_tables_mean_ranks_bold_and_seeds_of_the_order(tmp_
         for rho in ("anomaly_ink_spearman", "anomaly_ink_spearman_signed_score"):
             values[f"{rho}_digit_{d}"] = {n: [0.1] * 3 for n in bce if n != "ink"}
     heatmaps = []
-    plot = tasks.plot_heatmaps
-    monkeypatch.setattr(tasks, "plot_heatmaps", lambda *a: (heatmaps.append(a), plot(*a)))
+    plot = figures.plot_heatmaps
+    monkeypatch.setattr(figures, "plot_heatmaps", lambda *a: (heatmaps.append(a), plot(*a)))
     text = report.report_anomaly_sweep(_metrics(values), ["shallow", "stacked", "vq"],
                                        {"anomaly_digits": [0, 1, 2]}, str(tmp_path))
     # the heatmap: both scores' seed means, models by digits, the references named as such
@@ -5541,13 +5540,13 @@ def test_dead_latent_unit_is_noted_on_its_panel():
 
 @pytest.mark.parametrize("draws", [1, 3])
 def test_label_budget_axis_shows_the_budgets_and_bars_only_with_draws(tmp_path, monkeypatch, draws):
-    figures = []
-    monkeypatch.setattr(tasks, "_savefig", lambda fig, path: figures.append(fig))
+    drawn = []
+    monkeypatch.setattr(figures, "_savefig", lambda fig, path: drawn.append(fig))
     budgets = [10, 100, 550, 5500]
-    tasks.plot_label_budget(budgets, {"vq": ([0.3, 0.6, 0.8, 0.9], [0.05] * 4)},
+    figures.plot_label_budget(budgets, {"vq": ([0.3, 0.6, 0.8, 0.9], [0.05] * 4)},
                             str(tmp_path / "b.png"), draws=draws)
-    ax = figures[0].axes[0]
-    figures[0].canvas.draw()
+    ax = drawn[0].axes[0]
+    drawn[0].canvas.draw()
     assert [t.get_text() for t in ax.get_xticklabels()] == ["10", "100", "550", "5,500"]
     assert not ax.xaxis.get_minorticklocs().size
     assert ax.containers[0].has_yerr == (draws > 1)
@@ -5556,7 +5555,7 @@ def test_label_budget_axis_shows_the_budgets_and_bars_only_with_draws(tmp_path, 
 
 def test_bench_skips_a_missing_comparison_library_with_one_line(monkeypatch, capsys):
     import importlib.util
-    import bench
+    from harness import bench
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "sklearn" else real(name, *a))
     monkeypatch.setattr(bench, "_vanilla_codes", lambda *a: pytest.fail("ran without scikit-learn"))

@@ -9,7 +9,7 @@ later run reuses a cell whose settings match, as it reuses a checkpoint, without
     from harness import cells
     kept = cells.read_cells(path)              # {checkpoint file name: cell}; {} if none
     cells.score_cell(job, data, kept, path, env)   # score a trained job, add it, rewrite the file
-    m = cells.kept_scores(kept_by_key, seed)   # their numbers under the anomaly task's keys
+    cells.add_kept_scores(m, kept, seed)       # their numbers under the anomaly task's keys
 
 First read: skip this file. The scores are the anomaly task's own (tasks.anomaly_row).
 """
@@ -80,15 +80,13 @@ def write_cells(path, cells):
     write_atomically(path, lambda tmp: pathlib.Path(tmp).write_text(body))
 
 
-def kept_scores(kept, seed):
-    """{metric + suffix: {model: value}} of the kept cells of one seed, under the anomaly task's keys.
+def add_kept_scores(m, kept, seed):
+    """Add the kept cells of one seed to m, {metric + suffix: {model: value}}, the anomaly task's keys.
 
     kept: {(model, latent, seed, digit): cell}. A cell is never the article's setting (digit 1
     at latent 2), so it has no plain, suffix-less keys.
     """
-    m = {}
     for (name, latent, cell_seed, digit), cell in kept.items():
         if cell_seed == seed:
             for metric, value in cell["anomaly"].items():
                 m.setdefault(metric + anomaly_suffix(latent, digit), {})[name] = value
-    return m
