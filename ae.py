@@ -33,8 +33,6 @@ PCA and the helpers (devices, checkpoints, input checks) until you need them.
 import dataclasses
 import functools
 import math
-import os
-import tempfile
 import time
 
 import torch
@@ -608,63 +606,6 @@ def set_seed(seed):
     torch.manual_seed(seed)
 
 
-def pick_device(name=None):
-    """cuda, else mps, else cpu, unless `name` says which; prints the choice."""
-    if name is None:
-        if torch.cuda.is_available():
-            name = "cuda"
-        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            name = "mps"
-        else:
-            name = "cpu"
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"unknown device {name!r}; use cpu, cuda or mps") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use cpu")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ValueError(f"device {name!r} asked for, but MPS is not available; use cpu")
-    print(f"device: {device}")
-    return device
-
-
-def save(model, path, meta=None):
-    """Write name, latent_dim, weights and `meta` (plain types only) atomically to `path`."""
-    meta = {} if meta is None else meta
-    _check_plain(meta, "meta")
-    payload = {"name": model.name, "latent_dim": model.latent_dim, "input_dim": model.input_dim, "meta": meta,
-               "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # write a temporary file, then rename: an interrupted save never leaves half a checkpoint, and
-    # the temporary name never ends in .pt, so nothing that lists checkpoints mistakes it for one
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
-
-
-def load(path, device=None):
-    """(model, meta) from a file written by save; the model comes back in eval mode."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path}; train the model first (run.py)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-        # checkpoints written before input_dim was saved are all of 32x32 MNIST-family images
-        model = build(payload["name"], payload["latent_dim"], payload.get("input_dim", 1024))
-        model.load_state_dict(payload["state_dict"])
-    except Exception as err:
-        raise ValueError(f"{path} is not a checkpoint written by ae.save ({err}); delete it and retrain") from err
-    if device is not None:
-        model.to(device)
-    return model.eval(), payload["meta"]
-
-
 def _checked_inputs(model, train_x, val_x, epochs, batch_size, device):
     """fit's argument checks: (device, train_x, val_x), the pixels as float32 tensors on device."""
     device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -712,20 +653,6 @@ def _finite(value, model, epoch, what):
         raise FloatingPointError(f"{model.name}: {what} loss became {value} in epoch {epoch}; "
                                  f"lower the learning rate or check the input data")
     return value
-
-
-def _check_plain(value, where):
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise ValueError(f"{where} keys must be strings, got {key!r}")
-            _check_plain(item, f"{where}[{key!r}]")
-    elif isinstance(value, (list, tuple)):
-        for i, item in enumerate(value):
-            _check_plain(item, f"{where}[{i}]")
-    elif not (value is None or isinstance(value, (str, int, float, bool))):
-        raise ValueError(f"{where} is a {type(value).__name__}; save only str, int, float, bool, None, "
-                         f"lists and dicts (convert with float() or .tolist())")
 
 
 def _clock(seconds):

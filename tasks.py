@@ -911,36 +911,6 @@ def path_quality(probs, start_class, end_class):
             "third_class": bool(others), "classes_passed": others}
 
 
-class Judge(nn.Module):
-    """A small MLP digit classifier that scores generated images (not a contestant)."""
-
-    def __init__(self, input_dim=1024, hidden=256):
-        super().__init__()
-        self.features = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(),
-                                      nn.Linear(hidden, hidden), nn.ReLU())
-        self.head = nn.Linear(hidden, N_CLASSES)
-
-    def forward(self, x):
-        return self.head(self.features(x))
-
-
-def train_judge(x_train, y_train, epochs=5, seed=0, device="cpu", batch_size=128, lr=1e-3):
-    """Train the judge with Adam on cross-entropy; returns it in eval mode."""
-    torch.manual_seed(seed)
-    judge = Judge(x_train.shape[1]).to(device)
-    gen = torch.Generator().manual_seed(seed)
-    x, y = _tensor(x_train, device), torch.as_tensor(y_train, device=device).long()
-    opt = torch.optim.Adam(judge.parameters(), lr=lr)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
-            idx = idx.to(device)
-            opt.zero_grad()
-            loss = F.cross_entropy(judge(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-    return judge.eval()
-
-
 # ---- helpers
 
 def _tensor(x, device):

@@ -569,7 +569,7 @@ def main():
     parser.add_argument("--device", default=None, help="cpu, cuda or mps (default: picked automatically)")
     parser.add_argument("--umap-png", default=UMAP_PNG, help="where the umap section draws both maps")
     args = parser.parse_args()
-    device = ae.pick_device(args.device)
+    device = cli.pick_device(args.device)
     load = os.getloadavg()[0]
     if load > BUSY_LOAD:
         print(f"warning: load average {load:.1f}: other processes are running, so these timings "

@@ -19,8 +19,8 @@ import os
 import pathlib
 import sys
 
-import ae
 import tasks
+from harness import checkpoints
 from harness.figures import write_atomically
 from harness.protocol import ANOMALY_DIGIT, LATENT_ANOMALY, TASK_THREADS, anomaly_suffix
 from harness.workers import torch_threads
@@ -63,7 +63,7 @@ def read_cells(path):
 
 def score_cell(job, data, kept, path, env):
     """Score an anomaly-only job's model, add it to `kept` and rewrite the file."""
-    model, meta = ae.load(job["path"])
+    model, meta = checkpoints.load(job["path"])
     s = job["settings"]
     with torch_threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
         row, _ = tasks.anomaly_row(model, data["x_test"], data["y_test"] == s["held_out_digit"], s["seed"])

@@ -17,6 +17,8 @@ import signal
 import sys
 import tempfile
 
+import torch
+
 import ae
 import mnist
 from harness import cells, report, workers
@@ -102,13 +104,34 @@ def _numbers(p, flag, text, lo, hi, always):
 
 # ---- checks before any work: each failure is one line, and nothing is written before them
 
+def pick_device(name=None):
+    """cuda, else mps, else cpu, unless `name` says which; prints the choice."""
+    if name is None:
+        if torch.cuda.is_available():
+            name = "cuda"
+        elif getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            name = "mps"
+        else:
+            name = "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"unknown device {name!r}; use cpu, cuda or mps") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} asked for, but torch sees no CUDA GPU; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {name!r} asked for, but MPS is not available; use cpu")
+    print(f"device: {device}")
+    return device
+
+
 def preflight(args):
     """The device, then the output folder and the report it may hold; returns the device.
 
     The data comes next (load_data checks it); training starts only once all of them pass.
     """
     try:
-        device = ae.pick_device(args.device)
+        device = pick_device(args.device)
     except ValueError as err:
         sys.exit(f"run.py: error: --device: {err}")
     out_dir = os.path.join(args.out, args.dataset)

@@ -22,15 +22,16 @@ import sys
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import ae
 import mnist
 import umap_lite
-from harness import cells, workers
+from harness import cells, checkpoints, workers
 from harness.figures import write_atomically
 from harness.protocol import (ANOMALY_DIGIT, FIRST_SEED, JUDGE_EPOCHS, LATENT, LATENT_ANOMALY, N_PROBE,
                               QUICK, SPLIT, SPLIT_SEED)
-import tasks
 
 
 # ---- data
@@ -148,7 +149,7 @@ def train_all(jobs, data, args, device, cells_path=None, env=None):
             workers.STATUS.end()
             sys.exit(f"run.py: error: {err}")
     workers.STATUS.end()
-    trained = {_key(job): ae.load(job["path"], device=device) for job in jobs if not job["cell"]}
+    trained = {_key(job): checkpoints.load(job["path"], device=device) for job in jobs if not job["cell"]}
     kept = {_key(job): kept[os.path.basename(job["path"])] for job in jobs if job["cell"]}
     return trained, kept, {"jobs": n_jobs, "threads_per_job": threads}
 
@@ -164,7 +165,7 @@ def train_one(job, data, device, progress=None):
                      lr=s["lr"], seed=s["seed"], device=device, progress=progress)
     # threads are provenance, not a setting (any checkpoint is reused): they change a step only by
     # float rounding, though 60 epochs grow that to about seed-spread size (README, Reproducibility)
-    ae.save(model, job["path"], meta={"settings": s, "history": history,
+    checkpoints.save(model, job["path"], meta={"settings": s, "history": history,
                                       "threads": torch.get_num_threads()})
 
 
@@ -172,7 +173,7 @@ def _finished(job):
     """Whether the job's checkpoint exists and was trained with exactly the job's settings."""
     if not os.path.exists(job["path"]):
         return False
-    _, meta = ae.load(job["path"])
+    _, meta = checkpoints.load(job["path"])
     return meta.get("settings") == job["settings"]
 
 
@@ -190,6 +191,38 @@ def _record(job, meta):
     record = {"training": job["label"], "checkpoint": os.path.basename(job["path"]), "reused": job["reused"],
               "seconds": meta["history"]["seconds"], "threads": meta.get("threads")}
     return {**record, "scored": meta["scored"]} if job["cell"] else record
+
+
+# ---- the judge: the digit classifier that scores samples and interpolations
+
+class Judge(nn.Module):
+    """A small MLP digit classifier that scores generated images (not a contestant)."""
+
+    def __init__(self, input_dim=1024, hidden=256):
+        super().__init__()
+        self.features = nn.Sequential(nn.Linear(input_dim, hidden), nn.ReLU(),
+                                      nn.Linear(hidden, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, mnist.N_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.features(x))
+
+
+def train_judge(x_train, y_train, epochs=5, seed=0, device="cpu", batch_size=128, lr=1e-3):
+    """Train the judge with Adam on cross-entropy; returns it in eval mode."""
+    torch.manual_seed(seed)
+    judge = Judge(x_train.shape[1]).to(device)
+    gen = torch.Generator().manual_seed(seed)
+    x, y = torch.as_tensor(x_train, dtype=torch.float32, device=device), torch.as_tensor(y_train, device=device).long()
+    opt = torch.optim.Adam(judge.parameters(), lr=lr)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(x), generator=gen).split(batch_size):
+            idx = idx.to(device)
+            opt.zero_grad()
+            loss = F.cross_entropy(judge(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+    return judge.eval()
 
 
 # ---- caches of the tasks' slow steps
@@ -210,11 +243,11 @@ def get_judge(data, args, device, out_dir):
     epochs = QUICK["judge_epochs"] if args.quick else JUDGE_EPOCHS
     path = os.path.join(out_dir, "checkpoints",
                         f"judge-{data['fingerprint']}-e{epochs}-n{len(data['train_idx'])}-split{SPLIT_SEED}.pt")
-    judge = tasks.Judge(data["x_all"].shape[1]).to(device)
+    judge = Judge(data["x_all"].shape[1]).to(device)
     if os.path.exists(path):
         judge.load_state_dict(torch.load(path, map_location=device, weights_only=True))
         return judge.eval()
     idx = data["train_idx"]
-    judge = tasks.train_judge(data["x_all"][idx], data["y_all"][idx], epochs=epochs, device=device)
+    judge = train_judge(data["x_all"][idx], data["y_all"][idx], epochs=epochs, device=device)
     write_atomically(path, lambda tmp: torch.save(judge.state_dict(), tmp))
     return judge
