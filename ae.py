@@ -6,7 +6,6 @@ Use:
     model = ae.build("vae", latent_dim=20)           # one of ae.MODELS (ae.CONTESTANTS: the registry)
     history = ae.fit(model, train_x, val_x)          # float32 (N, 1024) in [0, 1]
     probs = model(x); total, parts = model.loss(x); z = model.encode(x, sample=False)
-    ae.save(model, "vae.pt", meta={"epochs": 60}); model, meta = ae.load("vae.pt")
 
 Every model is encoder -> bottleneck -> decoder. The encoders and decoders are fully connected
 (Linear -> BatchNorm -> ReLU, three layers each but for the shallow one); the contestants differ
@@ -27,7 +26,7 @@ Depends on torch only.
 
 First read: Bottleneck and the four bottlenecks, Autoencoder, the registry (one `register` line
 per contestant; README, "Add your own contestant") and `fit`. Skip the stacked model's schedule,
-PCA and the helpers (devices, checkpoints, input checks) until you need them.
+PCA and the helpers (input checks) until you need them.
 """
 
 import dataclasses

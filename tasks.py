@@ -1,8 +1,7 @@
 """The gauntlet: every task the bake-off puts a trained autoencoder through.
 
-Each task takes a trained model (any of ae.py's nine) and arrays, and returns numbers or writes a
-figure. run.py calls them in order; nothing here knows about files on disk except the figure
-writers, which write atomically (temp file + rename).
+Each task takes a trained model (any of ae.py's nine) and arrays, and returns numbers or arrays.
+run.py calls them in order; nothing here touches files (harness/figures.py draws the arrays).
 
     from tasks import roc_auc, linear_probe
     roc_auc(labels, scores)                      # exact AUROC, ties count 1/2
@@ -17,7 +16,6 @@ Sections:
                    vq-VAE's learned categorical prior
     model tasks    reconstruction error, anomaly scores, interpolation, samples under every
                    sampler a model has, dead latent units, samples as numbers
-    figures        reconstructions, samples, interpolation GIF, latent maps, ROC curves
 
 References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
 Heusel et al. (2017) for the Frechet distance; Dempster, Laird & Rubin (1977) and Bishop (2006,
@@ -29,7 +27,7 @@ only; that is enough for latent codes and for the 1,024 pixels (seconds per fit)
 large-scale solver.
 
 First read: one task at a time, beside the run.py function that calls it; roc_auc, knn_predict and
-linear_probe first. Skip the Newton-CG internals, EM's numerics and the plotting helpers.
+linear_probe first. Skip the Newton-CG internals and EM's numerics.
 """
 
 import warnings
@@ -53,12 +51,12 @@ ARTICLES_PROBE_EPOCHS, ARTICLES_PROBE_BATCH, ARTICLES_PROBE_LR, ARTICLES_PROBE_P
 INTERP_STEPS = 128           # interior points between the two test images, as the companion code did
 CONFIDENT = 0.9              # "legible": the judge classifier is at least this sure
 # Mixture sizes tried; the validation codes pick one. Pythae's default of 10 lies inside; 20 caps
-# the time (bench.py gmm), although the validation likelihood of real codes still rises there.
+# the time (harness/bench.py gmm), although the validation likelihood of real codes still rises there.
 GMM_K_GRID = (1, 2, 5, 10, 20)
 GMM_STARTS = 1               # k-means++ starts per K (the best training fit is kept); each costs a fit
 GMM_MAX_ITER = 100           # EM meets GMM_TOL in 20 to 30 iterations here; this stops pathologies
 # Stop when the mean log-likelihood per point gains less than this (nats) in one iteration. On
-# bench.py gmm's codes, 120 more iterations would add only 0.14 (K = 10) and 0.21 (K = 20) nats,
+# harness/bench.py gmm's codes, 120 more iterations would add only 0.14 (K = 10) and 0.21 (K = 20) nats,
 # well below the 1.3 to 2.5 nats between neighbouring sizes of GMM_K_GRID, which is the choice.
 GMM_TOL = 1e-2
 # Added to every covariance's diagonal, times the codes' mean variance (so it is scale-free): a
