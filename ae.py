@@ -307,6 +307,40 @@ class Autoencoder(nn.Module):
         device = next(self.parameters()).device
         return self.decoder(self.bottleneck.prior(n, device))
 
+    @torch.no_grad()
+    def likelihood_bounds(self, x, k=128):
+        """(-ELBO, -IWAE_k) per image, (B,) each, from the same k draws z_i ~ q(z|x) of a VAE.
+
+        log p(x|z) = -BCE(x, decoder(z)) summed over the pixels (the training loss's likelihood);
+        -ELBO = -1/k sum_i log w_i, and -IWAE_k = -log (1/k) sum_i w_i = log k - logsumexp_i log w_i.
+        On the same draws -IWAE_k <= -ELBO (Jensen); as k grows -IWAE_k falls towards -log p(x).
+        """
+        if not isinstance(self.bottleneck, Variational):
+            raise ValueError(f"{self.name} has no posterior q(z|x); only the VAEs have likelihood bounds")
+        mu, log_sigma = self._hidden(x).chunk(2, dim=1)  # (B, 2Z) -> 2 x (B, Z)
+
+        def bernoulli(z):  # (k, B, Z) -> (k, B): log p(x|z)
+            logits = self._logits(z.reshape(-1, z.shape[-1])).reshape(*z.shape[:2], -1)  # (k*B, Z) -> (k, B, D)
+            return -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+
+        log_w = log_importance_weights(bernoulli, mu, log_sigma, k)  # (k, B)
+        return -log_w.mean(0), math.log(k) - torch.logsumexp(log_w, 0)
+
+
+def log_importance_weights(log_likelihood, mu, log_sigma, k):
+    """log w_i = log p(x|z_i) + log p(z_i) - log q(z_i|x) for k draws z_i ~ q(z|x) = N(mu, sigma^2), (k, B).
+
+    p(z) = N(0, I); log_likelihood maps codes (k, B, Z) to log p(x|z), (k, B). The mean of log w_i
+    estimates the ELBO; log (1/k) sum_i w_i is the importance-weighted bound (Burda, Grosse &
+    Salakhutdinov, ICLR 2016), which rises towards log p(x) as k grows.
+    """
+    eps = torch.randn(k, *mu.shape, device=mu.device)  # (k, B, Z)
+    z = mu + torch.exp(log_sigma) * eps
+    log_2pi = math.log(2 * math.pi)
+    log_pz = -0.5 * (z**2 + log_2pi).sum(-1)  # log N(z | 0, I)
+    log_qz = -0.5 * (eps**2 + log_2pi).sum(-1) - log_sigma.sum(-1)  # log N(z | mu, sigma^2), (z - mu) / sigma = eps
+    return log_likelihood(z) + log_pz - log_qz
+
 
 class Shallow(Autoencoder):
     """One layer each way: x -> ReLU(BatchNorm(Linear(x))) = z -> Linear -> sigmoid."""

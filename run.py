@@ -38,6 +38,7 @@ import numpy as np
 import torch
 
 import ae
+import mnist
 import tasks
 import umap_lite
 from harness import cells, cli, figures, report, trainings, workers
@@ -216,30 +217,34 @@ def task_baselines(data, seed, device):
 def task_anomaly(anomaly, data, seed):
     """Each anomaly model, trained without digit d, scores every test image; positives are the d's.
 
-    Two scores per model (tasks.anomaly_row): the summed BCE, and the article's signed score
-    sum(x_hat - x). Beside them, ink (each image's summed intensity) as a reference that needs no
-    training, and as a diagnostic: the rank correlation of each score with ink. Ink ranks *low*
-    ink as anomalous, the direction of the signed score (sum(x_hat) - ink); the summed BCE's
-    direction, high ink, gets exactly 1 - that AUROC. Keys: `<metric>_digit_<d>` for every
-    (latent 2) digit, `..._z<latent>` for the other latent sizes, and the plain `<metric>` for the
-    article's digit at latent 2. Returns the ROC curves of the article's setting to plot.
+    The scores (tasks.anomaly_row, PROTOCOL.md 6.5): the summed BCE and the article's signed score
+    sum(x_hat - x); the BCE less its floor H(x) and the squared error; the code density (a mixture
+    fitted to the model's training codes, its size chosen on validation codes, neither holding d);
+    the VAEs' likelihood bounds; the BCE in bits less the PNG length L(x). Beside them, the
+    references that need no model: low ink, H(x) and L(x). Each score's rank correlation with ink
+    says how much of it is ink. Keys: `<metric>_digit_<d>` for every (latent 2) digit,
+    `..._z<latent>` for the other latent sizes, and the plain `<metric>` for the article's digit
+    at latent 2. Returns the ROC curves of the article's setting to plot.
     """
-    y_test, ink = data["y_test"], tasks.ink(data["x_test"])
+    y_test, refs = data["y_test"], tasks.anomaly_references(data["x_test"])
     m, curves = {}, {}
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for (latent, digit), models in anomaly.items():
         is_anomaly = y_test == digit
         headline = latent == LATENT_ANOMALY and digit == ANOMALY_DIGIT
+        fit, val = (data["x_all"][mnist.drop_class(data[idx], data["y_all"], digit)] for idx in ("train_idx", "val_idx"))
         rows = {}
         for name, model in models.items():
-            rows[name], (bce, signed) = tasks.anomaly_row(model, data["x_test"], is_anomaly, seed)
+            rows[name], s = tasks.anomaly_row(model, data["x_test"], is_anomaly, seed, fit, val, refs)
             if headline:
-                curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, bce)[:2], rows[name]["anomaly_auc"]),
-                                ("signed (article)", *tasks.roc_curve(is_anomaly, signed)[:2],
+                curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, s["bce"])[:2], rows[name]["anomaly_auc"]),
+                                ("signed (article)", *tasks.roc_curve(is_anomaly, s["signed"])[:2],
                                  rows[name]["anomaly_auc_signed_score"])]
-        rows["ink"] = tasks.anomaly_metrics(is_anomaly, -ink, -ink)   # the same ranking under both names
+        rows["ink"] = tasks.anomaly_metrics(is_anomaly, {"bce": refs["ink"], "signed": refs["ink"]})  # one ranking
+        for reference in ("entropy", "png"):
+            rows[reference] = tasks.anomaly_metrics(is_anomaly, {"bce": refs[reference]}, -refs["ink"])
         if headline:
-            curves["ink"] = [("low ink", *tasks.roc_curve(is_anomaly, -ink)[:2], rows["ink"]["anomaly_auc"])]
+            curves["ink"] = [("low ink", *tasks.roc_curve(is_anomaly, refs["ink"])[:2], rows["ink"]["anomaly_auc"])]
         for name, row in rows.items():
             for metric, value in row.items():
                 put(metric + anomaly_suffix(latent, digit), name, value)

@@ -64,6 +64,8 @@ GMM_TOL = 1e-2
 # unit, a vq dimension that uses one codebook value), would otherwise have a singular
 # covariance and an infinite density. 1e-6 of the spread is far below any real variance.
 GMM_RIDGE = 1e-6
+IWAE_K = 128                 # draws per image for the VAEs' likelihood bounds (Burda et al.'s k)
+IWAE_BATCH = 64              # images per pass of those bounds: 128 x 64 decoded images at a time
 DEAD_SPAN = 1e-6                # a latent unit spanning less than this of the widest one's range is
                                 # constant: far below one pixel of any latent map
 
@@ -776,42 +778,121 @@ def per_image_bce(model, x):
 
 
 def anomaly_scores(model, x):
-    """(correct, signed) anomaly scores per image, each (N,), higher = more anomalous.
+    """{score: (N,)} per image, each oriented so that higher = more anomalous:
 
-    correct = summed BCE of the reconstruction.
-    signed  = sum_j (x_hat_j - x_j), the score behind the article's published AUCs: it is not an
-              error (over- and under-shooting pixels cancel) and can be negative.
+    bce        summed BCE of the reconstruction, -sum_j [x_j log x_hat_j + (1 - x_j) log(1 - x_hat_j)]
+    signed     sum_j (x_hat_j - x_j), the score behind the article's published AUCs: not an error
+               (over- and under-shooting pixels cancel), it can be negative
+    bce_excess the summed BCE less its floor H(x) (see `entropy`): summed BCE = H(x) + sum_j
+               KL(Bern(x_j) || Bern(x_hat_j)), and H(x) depends on the image alone, so this is the
+               KL sum, >= 0 and 0 exactly when x_hat = x
+    sse        sum_j (x_hat_j - x_j)^2, the error of an autoencoder with a Gaussian likelihood
+    The VAEs add their likelihood bounds (ae.Autoencoder.likelihood_bounds, IWAE_K draws each):
+    neg_elbo, neg_iwae, and neg_elbo_excess = neg_elbo - H(x).
     """
     device = _device_of(model)
     model.eval()
 
-    def both(b):   # one reconstruction serves both scores (a VAE's would differ per forward)
+    def per_image(b):   # one reconstruction serves every score (a VAE's would differ per forward)
         x_hat = model(b)
-        return torch.stack([F.binary_cross_entropy(x_hat, b, reduction="none").sum(1),
-                            (x_hat - b).sum(1)], dim=1)
+        p, q = x_hat.double(), b.double()
+        # KL per pixel, with BCE's clamp of the logs at -100 (x_hat of exactly 0 or 1 stays finite)
+        kl = (torch.xlogy(q, q) - q * p.log().clamp(min=-100)
+              + torch.xlogy(1 - q, 1 - q) - (1 - q) * torch.log1p(-p).clamp(min=-100)).clamp(min=0)
+        return torch.stack([F.binary_cross_entropy(x_hat, b, reduction="none").sum(1).double(),
+                            (x_hat - b).sum(1).double(), kl.sum(1), ((p - q) ** 2).sum(1)], dim=1)
 
-    scores = batched(both, x, device=device)
-    return scores[:, 0], scores[:, 1]
+    scores = dict(zip(("bce", "signed", "bce_excess", "sse"), batched(per_image, x, device=device).T))
+    if model.bottleneck.stochastic:   # a second pass: the first one's draws stay what they always were
+        bounds = batched(lambda b: torch.stack(model.likelihood_bounds(b, IWAE_K), 1), x, IWAE_BATCH, device)
+        scores["neg_elbo"], scores["neg_iwae"] = bounds[:, 0].astype(np.float64), bounds[:, 1].astype(np.float64)
+        scores["neg_elbo_excess"] = scores["neg_elbo"] - entropy(x)
+    return scores
 
 
-def anomaly_metrics(is_anomaly, bce, signed, ink=None):
-    """AUROC and AUPRC of the summed BCE, AUROC of the signed score; with ink, their rank
-    correlations with it (ink's own row has none)."""
-    row = {"anomaly_auc": roc_auc(is_anomaly, bce),
-           "anomaly_auprc": average_precision(is_anomaly, bce),
-           "anomaly_auc_signed_score": roc_auc(is_anomaly, signed)}
-    if ink is not None:
-        row["anomaly_ink_spearman"] = spearman(bce, ink)
-        row["anomaly_ink_spearman_signed_score"] = spearman(signed, ink)
+def entropy(x):
+    """H(x) = -sum_j [x_j log x_j + (1 - x_j) log(1 - x_j)] per image, (N,), with 0 log 0 = 0:
+    the summed BCE of a perfect reconstruction, the floor no model can go below on grey pixels."""
+    x = torch.as_tensor(np.asarray(x), dtype=torch.float64)
+    return -(torch.xlogy(x, x) + torch.xlogy(1 - x, 1 - x)).sum(1).numpy()
+
+
+def png_bits(x, pad=2):
+    """L(x): the length in bits of each image's lossless PNG file, (N,) (Serra et al., ICLR 2020).
+
+    The 2-pixel pad is cropped back to 28x28, pixels become round(255 x) in an 8-bit grey image,
+    and pillow writes it with compress_level=9; the whole file counts, header included.
+    """
+    import io
+    from PIL import Image
+    x = np.asarray(x)
+    side = int(round(np.sqrt(x.shape[1])))
+    pixels = np.round(255 * x.reshape(-1, side, side)[:, pad:side - pad, pad:side - pad]).astype(np.uint8)
+    bits = np.empty(len(x))
+    for i, image in enumerate(pixels):
+        buffer = io.BytesIO()
+        Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=9)
+        bits[i] = 8 * buffer.getbuffer().nbytes
+    return bits
+
+
+def code_nll(model, x, x_train, x_val, seed):
+    """-log p(z) of each image's code under a Gaussian mixture fitted to the training codes, (N,).
+
+    z is the encoder's mean (encode(sample=False)), or the vq-VAE's encoder output before the
+    quantiser. The mixture is the samplers' (choose_gmm): fitted on the codes of x_train, its size
+    K chosen on those of x_val; for an anomaly model neither holds the held-out class.
+    """
+    if hasattr(model.bottleneck, "codebook"):
+        codes = lambda images: encoder_outputs(model, images)
+    else:
+        codes = lambda images: encode(model, images, sample=False)
+    gmm, _ = choose_gmm(codes(x_train), codes(x_val), seed)
+    return -gmm_log_density(gmm, codes(x))
+
+
+def anomaly_references(x):
+    """The scores that need no model, higher = more anomalous: ink (its *low* values, as for the
+    signed score), H(x) ("entropy") and the PNG length L(x) ("png"), the input's complexity."""
+    return {"ink": -ink(x), "entropy": entropy(x), "png": png_bits(x)}
+
+
+def metric_names(score):
+    """(AUROC, AUPRC, rank correlation with ink) keys of one score; the article's signed score
+    keeps its old keys and has no AUPRC (None)."""
+    suffix = {"bce": "", "signed": "_signed_score"}.get(score, f"_{score}")
+    return (f"anomaly_auc{suffix}", None if score == "signed" else f"anomaly_auprc{suffix}",
+            f"anomaly_ink_spearman{suffix}")
+
+
+def anomaly_metrics(is_anomaly, scores, ink=None):
+    """{metric: value} of every score in {score: (N,)}: AUROC, AUPRC, and with ink (N,) each
+    score's rank correlation with it."""
+    row = {}
+    for score, values in scores.items():
+        auc, auprc, rho = metric_names(score)
+        row[auc] = roc_auc(is_anomaly, values)
+        if auprc:
+            row[auprc] = average_precision(is_anomaly, values)
+        if ink is not None:
+            row[rho] = spearman(values, ink)
     return row
 
 
-def anomaly_row(model, x, is_anomaly, seed):
-    """(metrics, (bce, signed)) of one model on images x whose positives `is_anomaly` marks; a
-    stochastic model draws its codes from `seed`."""
+def anomaly_row(model, x, is_anomaly, seed, x_train=None, x_val=None, references=None):
+    """(metrics, scores) of one model on images x whose positives `is_anomaly` marks.
+
+    A stochastic model draws from `seed`. With x_train and x_val (the model's own training and
+    validation images), the code density `code_nll` too. references: anomaly_references(x), if
+    already computed. The summed BCE in bits less L(x) is Serra et al.'s complexity correction.
+    """
+    references = references if references is not None else anomaly_references(x)
     torch.manual_seed(seed)
-    bce, signed = anomaly_scores(model, x)
-    return anomaly_metrics(is_anomaly, bce, signed, ink(x)), (bce, signed)
+    scores = anomaly_scores(model, x)
+    if x_train is not None:
+        scores["code_nll"] = code_nll(model, x, x_train, x_val, seed)
+    scores["bce_png"] = scores["bce"] / np.log(2) - references["png"]
+    return anomaly_metrics(is_anomaly, scores, -references["ink"]), scores
 
 
 def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):

@@ -1484,8 +1484,10 @@ def test_anomaly_score_nonnegative_and_larger_out_of_distribution():
     ae.fit(model, x_in, x_in[:32], epochs=15, batch_size=32, progress=False)
     x_out = np.zeros((1, 32, 32), np.float32)
     x_out[:, 4:28, 22:26] = 1.0
-    bce_in, signed_in = tasks.anomaly_scores(model, x_in)
-    bce_out, _ = tasks.anomaly_scores(model, x_out.reshape(1, 1024))
+    s_in, s_out = tasks.anomaly_scores(model, x_in), tasks.anomaly_scores(model, x_out.reshape(1, 1024))
+    bce_in, signed_in, bce_out = s_in["bce"], s_in["signed"], s_out["bce"]
+    for score in ("bce_excess", "sse"):         # every error score: higher for the bright bar it never saw
+        assert (s_in[score] >= 0).all() and s_out[score][0] > np.percentile(s_in[score], 99)
     assert (bce_in >= 0).all() and bce_out[0] >= 0
     assert bce_out[0] > np.percentile(bce_in, 99)
     assert signed_in.shape == (256,)
@@ -1775,15 +1777,19 @@ def test_anomaly_scores_are_bce_then_signed_of_the_same_reconstruction():
     correct, signed = _hand_scores(x_hat, x)
     assert np.abs(correct - signed).min() > 10             # precondition: the two can't be confused
     got = tasks.anomaly_scores(model.train(), x)            # evaluated in eval mode whatever it was in
-    assert len(got) == 2
+    assert sorted(got) == ["bce", "bce_excess", "signed", "sse"]    # no likelihood bounds: not a VAE
+    got = (got["bce"], got["signed"])
     assert np.allclose(got[0], correct, rtol=1e-5, atol=1e-3)
     assert np.allclose(got[1], signed, rtol=1e-5, atol=1e-3)
     # a VAE: one sampled reconstruction must give both scores
     vae = _build("vae", 2).eval()
     torch.manual_seed(7)
     got = tasks.anomaly_scores(vae, x)
+    assert {"neg_elbo", "neg_iwae", "neg_elbo_excess"} <= set(got)
+    got = (got["bce"], got["signed"])
     torch.manual_seed(8)
     other = tasks.anomaly_scores(vae, x)
+    other = (other["bce"], other["signed"])
     assert not np.allclose(got[1], other[1], atol=1e-3)      # precondition: samples differ
     torch.manual_seed(7)
     with torch.no_grad():
@@ -2169,12 +2175,17 @@ class _ScoreStub(nn.Module):
     def forward(self, x):
         return (x * self.gain).clamp(1e-6, 1 - 1e-6)
 
+    bottleneck = type("Plain", (), {"stochastic": False})()   # no likelihood bounds, no codebook
+
+    def encode(self, x, sample=True):
+        return x[:, 500:502] * self.gain                       # a 2-d code for the code density
+
 
 def test_task_anomaly_positives_keys_ink_and_correlations():
     rng = np.random.default_rng(0)
     y = np.arange(300) % 10
     x = (rng.random((300, ae.INPUT_DIM)) * (0.2 + 0.06 * y[:, None])).astype(np.float32)
-    data = {"x_test": x, "y_test": y}
+    data = {"x_test": x, "y_test": y, "x_all": x, "y_all": y, "train_idx": np.arange(200), "val_idx": np.arange(200, 300)}
     anomaly = {(2, 1): {"a": _ScoreStub(0.9), "pca": _ScoreStub(0.5)},
                (2, 3): {"a": _ScoreStub(0.7), "pca": _ScoreStub(0.5)},
                (20, 1): {"a": _ScoreStub(0.3), "pca": _ScoreStub(0.5)}}

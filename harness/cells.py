@@ -19,6 +19,8 @@ import os
 import pathlib
 import sys
 
+import ae
+import mnist
 import tasks
 from harness import checkpoints
 from harness.figures import write_atomically
@@ -26,8 +28,8 @@ from harness.protocol import ANOMALY_DIGIT, LATENT_ANOMALY, TASK_THREADS, anomal
 from harness.workers import torch_threads
 
 CELLS = "anomaly_cells.json"
-ANOMALY_METRICS = ("anomaly_auc", "anomaly_auprc", "anomaly_auc_signed_score",
-                   "anomaly_ink_spearman", "anomaly_ink_spearman_signed_score")
+SCORES = ("bce", "signed", "bce_excess", "sse", "code_nll", "bce_png")   # tasks.anomaly_row's, every model
+VAE_SCORES = ("neg_elbo", "neg_iwae", "neg_elbo_excess")                  # and the VAEs' likelihood bounds
 CELLS_ABOUT = ("The anomaly-only trainings of run.py's sweep, each scored right after its training: "
                "run.py reuses a cell whose settings match, as it reuses a checkpoint")
 CELL_PROVENANCE = ("git_commit", "git_dirty", "cpu", "gpu", "device", "torch")   # what scored a cell
@@ -40,11 +42,17 @@ def sweep_only(settings):
     return digit is not None and (settings["latent_dim"], digit) != (LATENT_ANOMALY, ANOMALY_DIGIT)
 
 
+def anomaly_metrics(model):
+    """The metrics a kept cell of this model must hold: every score's (a cell without one is stale)."""
+    scores = SCORES + (VAE_SCORES if ae.CONTESTANTS[model].stochastic else ())
+    return sorted(name for score in scores for name in tasks.metric_names(score) if name)
+
+
 def is_kept(cells, job):
     """Whether `cells` hold the job's cell, trained with the job's settings, with every number."""
     cell = cells.get(os.path.basename(job["path"]))
     return (cell is not None and cell["settings"] == job["settings"]
-            and sorted(cell["anomaly"]) == sorted(ANOMALY_METRICS))
+            and sorted(cell["anomaly"]) == anomaly_metrics(job["settings"]["model"]))
 
 
 def read_cells(path):
@@ -66,7 +74,9 @@ def score_cell(job, data, kept, path, env):
     model, meta = checkpoints.load(job["path"])
     s = job["settings"]
     with torch_threads(TASK_THREADS):        # as the gauntlet scores, so both give the same numbers
-        row, _ = tasks.anomaly_row(model, data["x_test"], data["y_test"] == s["held_out_digit"], s["seed"])
+        digit = s["held_out_digit"]
+        fit, val = (data["x_all"][mnist.drop_class(data[idx], data["y_all"], digit)] for idx in ("train_idx", "val_idx"))
+        row, _ = tasks.anomaly_row(model, data["x_test"], data["y_test"] == digit, s["seed"], fit, val)
     kept[os.path.basename(job["path"])] = {
         "settings": s, "anomaly": row, "history": {"seconds": meta["history"]["seconds"]},
         "threads": meta.get("threads"), "scored": {k: (env or {}).get(k) for k in CELL_PROVENANCE}}
