@@ -823,17 +823,19 @@ def png_bits(x, pad=2):
     The 2-pixel pad is cropped back to 28x28, pixels become round(255 x) in an 8-bit grey image,
     and pillow writes it with compress_level=9; the whole file counts, header included.
     """
-    import io
-    from PIL import Image
     x = np.asarray(x)
     side = int(round(np.sqrt(x.shape[1])))
     pixels = np.round(255 * x.reshape(-1, side, side)[:, pad:side - pad, pad:side - pad]).astype(np.uint8)
-    bits = np.empty(len(x))
-    for i, image in enumerate(pixels):
-        buffer = io.BytesIO()
-        Image.fromarray(image, mode="L").save(buffer, format="PNG", compress_level=9)
-        bits[i] = 8 * buffer.getbuffer().nbytes
-    return bits
+    return np.array([8 * len(png_file(image)) for image in pixels], dtype=np.float64)
+
+
+def png_file(image):
+    """The bytes of the lossless PNG file of one 8-bit grey image (H, W), compress_level=9."""
+    import io
+    from PIL import Image
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG", compress_level=9)
+    return buffer.getvalue()
 
 
 def code_nll(model, x, x_train, x_val, seed):

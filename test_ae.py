@@ -1766,6 +1766,118 @@ def _hand_scores(x_hat, x):
     return correct, signed
 
 
+# ---- the anomaly scores beyond the summed BCE: each against a slow reference written out by hand
+
+class _Given(nn.Module):
+    """A 'model' whose reconstruction of the i-th input is x_hat[i], and whose code is two pixels."""
+
+    bottleneck = type("Plain", (), {"stochastic": False})()
+
+    def __init__(self, x_hat):
+        super().__init__()
+        self.register_buffer("x_hat", torch.as_tensor(x_hat, dtype=torch.float32))
+        self.unused = nn.Parameter(torch.zeros(1))              # the tasks find the device by a parameter
+
+    def forward(self, x):
+        return self.x_hat[:len(x)]
+
+    def encode(self, x, sample=True):
+        return x[:, :2]
+
+
+def _bernoulli_kl_by_hand(p, q):
+    """KL(Bern(p) || Bern(q)) pixel by pixel, with 0 log 0 = 0 and BCE's clamp of log q at -100."""
+    total = 0.0
+    for pi, qi in zip(p.tolist(), q.tolist()):
+        if pi > 0:
+            total += pi * (math.log(pi) - max(math.log(qi) if qi > 0 else -math.inf, -100))
+        if pi < 1:
+            total += (1 - pi) * (math.log(1 - pi) - max(math.log(1 - qi) if qi < 1 else -math.inf, -100))
+    return total
+
+
+def test_bce_excess_is_the_summed_bernoulli_kl_zero_when_perfect_and_finite_at_0_and_1():
+    rng = np.random.default_rng(0)
+    x = rng.random((3, 1024)).astype(np.float32)
+    x[:, :100], x[:, 100:200] = 0.0, 1.0                         # pixels of exactly 0 and 1
+    x_hat = rng.uniform(0.01, 0.99, (3, 1024)).astype(np.float32)
+    x_hat[0, :50], x_hat[0, 150:160] = 0.0, 1.0                  # and saturated reconstructions
+    got = tasks.anomaly_scores(_Given(x_hat), x)
+    hand = [_bernoulli_kl_by_hand(x[i].astype(np.float64), x_hat[i].astype(np.float64)) for i in range(3)]
+    np.testing.assert_allclose(got["bce_excess"], hand, rtol=1e-9)
+    assert np.isfinite(got["bce_excess"]).all() and (got["bce_excess"] >= 0).all()
+    # the identity: summed BCE = H(x) + the KL sum (float32 BCE: a few 1e-4 of ~700 nats)
+    np.testing.assert_allclose(got["bce"], tasks.entropy(x) + got["bce_excess"], rtol=1e-5)
+    np.testing.assert_allclose(got["sse"], ((x_hat.astype(np.float64) - x) ** 2).sum(1), rtol=1e-9)
+    perfect = tasks.anomaly_scores(_Given(x), x)                 # x_hat = x, 0s and 1s included
+    np.testing.assert_allclose(perfect["bce_excess"], 0.0, atol=1e-9)
+    np.testing.assert_allclose(perfect["bce"], tasks.entropy(x), rtol=1e-5)   # the floor is H(x)
+
+
+def test_entropy_is_the_per_pixel_formula_with_0_log_0_as_0():
+    x = np.array([[0.0, 1.0, 0.5, 0.25], [0.0, 0.0, 1.0, 1.0]])
+    h = lambda p: 0.0 if p in (0.0, 1.0) else -(p * math.log(p) + (1 - p) * math.log(1 - p))
+    np.testing.assert_allclose(tasks.entropy(x), [sum(h(p) for p in row) for row in x.tolist()], rtol=1e-12)
+    assert tasks.entropy(x)[1] == 0.0
+
+
+def test_importance_weighted_bound_rises_to_the_closed_form_log_likelihood_and_never_below_the_elbo():
+    # a linear-Gaussian model: p(z) = N(0, I), p(x|z) = N(W z + b, s^2 I), so p(x) = N(b, W W^T + s^2 I);
+    # q(z|x) is the exact posterior, shifted and widened, so that no bound is tight
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    Z, D, B, s = 2, 5, 3, 0.5
+    W, b = torch.randn(D, Z, generator=g, dtype=torch.float64), torch.randn(D, generator=g, dtype=torch.float64)
+    x = torch.randn(B, D, generator=g, dtype=torch.float64) + b
+    cov = W @ W.T + s ** 2 * torch.eye(D, dtype=torch.float64)
+    log_px = torch.distributions.MultivariateNormal(b, cov).log_prob(x)                    # (B,)
+    post_cov = torch.linalg.inv(torch.eye(Z, dtype=torch.float64) + W.T @ W / s ** 2)
+    mu = (post_cov @ W.T @ (x - b).T / s ** 2).T + 0.3                                        # (B, Z)
+    log_sigma = (0.5 * torch.log(torch.diagonal(post_cov)) + math.log(1.3)).expand(B, Z)
+    gauss = lambda z: -0.5 * (((x - (z @ W.T + b)) / s) ** 2 + math.log(2 * math.pi * s ** 2)).sum(-1)
+    repeats, means = 4000, {}
+    for k in (1, 16, 128):
+        log_w = ae.log_importance_weights(gauss, mu, log_sigma, k * repeats).reshape(repeats, k, B)
+        means[k] = (torch.logsumexp(log_w, 1) - math.log(k)).mean(0)                      # (B,)
+    gap = {k: log_px - means[k] for k in means}
+    assert (gap[1] > gap[16]).all() and (gap[16] > gap[128]).all()    # rises with k ...
+    assert (gap[128] > -0.01).all() and (gap[128] < 0.05).all()      # ... to log p(x), from below
+    assert (gap[1] > 0.2).all()                                      # precondition: the ELBO is not tight
+    # through the VAE's own method: on the same draws -IWAE <= -ELBO, image by image (Jensen)
+    vae = ae.build("vae", 2).eval()
+    neg_elbo, neg_iwae = vae.likelihood_bounds(torch.rand(6, 1024), k=8)
+    assert (neg_iwae <= neg_elbo + 1e-4).all() and (neg_elbo - neg_iwae).max() > 1e-3
+    with pytest.raises(ValueError, match="only the VAEs"):
+        ae.build("vanilla", 2).likelihood_bounds(torch.rand(2, 1024))
+
+
+def test_png_length_of_a_blank_image_is_below_a_noisy_one_and_the_file_decodes_to_the_pixels():
+    from PIL import Image
+    import io
+    rng = np.random.default_rng(0)
+    x = np.zeros((2, 1024), np.float32)
+    x[1].reshape(32, 32)[2:30, 2:30] = rng.random((28, 28))
+    bits = tasks.png_bits(x)
+    assert bits[0] < bits[1] and bits[0] % 8 == 0
+    pixels = np.round(255 * x[1].reshape(32, 32)[2:30, 2:30]).astype(np.uint8)
+    with Image.open(io.BytesIO(tasks.png_file(pixels))) as img:
+        assert img.format == "PNG" and img.mode == "L"
+        np.testing.assert_array_equal(np.array(img), pixels)              # lossless, 8-bit, cropped
+    assert bits[1] == 8 * len(tasks.png_file(pixels))
+
+
+def test_code_density_scores_a_code_far_from_the_training_codes_higher():
+    rng = np.random.default_rng(0)
+    x_train, x_val = rng.normal(0.5, 0.02, (400, 1024)), rng.normal(0.5, 0.02, (100, 1024))
+    x = np.vstack([rng.normal(0.5, 0.02, (5, 1024)), np.full((1, 1024), 0.9)])   # the last: far away
+    nll = tasks.code_nll(_Given(np.zeros((6, 1024))), x.astype(np.float32), x_train.astype(np.float32),
+                         x_val.astype(np.float32), seed=0)
+    assert nll.shape == (6,) and nll[-1] > nll[:-1].max() + 10
+    # the same mixture scores the training codes as gmm_log_density does (orientation: minus)
+    gmm, _ = tasks.choose_gmm(x_train[:, :2], x_val[:, :2], 0)
+    np.testing.assert_allclose(nll, -tasks.gmm_log_density(gmm, x[:, :2]), rtol=1e-5)
+
+
 def test_anomaly_scores_are_bce_then_signed_of_the_same_reconstruction():
     x = np.random.default_rng(0).random((6, 1024)).astype(np.float32)
     # a deterministic model: the two scores against model(x) by hand, in that order

@@ -1062,6 +1062,12 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
             assert m["anomaly_auc" + suffix][name]["mean"] == pytest.approx(tasks.roc_auc(positives, bce))
             assert m["anomaly_auc_signed_score" + suffix][name]["mean"] == pytest.approx(
                 tasks.roc_auc(positives, signed))
+            # every score's three metrics for every digit and model (the VAEs' bounds: VAEs only)
+            for score in cells.SCORES:
+                assert all(name in m[key + suffix] for key in tasks.metric_names(score) if key), (score, suffix)
+            assert all(name not in m.get(tasks.metric_names(s)[0] + suffix, {}) for s in cells.VAE_SCORES)
+        for reference in ("ink", "entropy", "png"):
+            assert reference in m["anomaly_auc" + suffix]
     # REPORT.md and the heatmap come from results.json alone
     text = (out / "REPORT.md").read_text()
     assert "### Every held-out digit" in text and "### Latent size" in text
