@@ -414,7 +414,7 @@ def write_report(results, out_dir):
     cfg, m = results["config"], results["metrics"]
     names = list(cfg["models"])
     article = cfg["dataset"] == "mnist"          # the article published MNIST numbers only
-    sections = [report_header(results, article), report_summary(m, names),
+    sections = [report_header(results, article), report_verdicts(m, names, cfg), report_summary(m, names),
                 report_reconstruction(m, names, article), report_training_time(results, names, article),
                 report_samples(m, names), report_interpolation(m, names), report_latent(m, names),
                 report_classification(m, names, cfg, article), report_anomaly(m, names, cfg, article, out_dir),
@@ -458,6 +458,107 @@ def report_header(results, article):
            "published; *within 2 std* says whether the published value lies within our mean ± 2 std."
            if article else "") + "\n")
     return "\n".join(lines)
+
+
+# ---- the answer first: which autoencoder for which job
+
+ANOMALY_SCORES = ("bce", "bce_excess", "sse", "code_nll", "neg_elbo", "neg_iwae", "neg_elbo_excess", "bce_png")
+VERDICT_SIGMAS = 2      # a lead counts when it exceeds this many standard deviations (ddof = 1)
+# job -> (metric, higher is better, what the row says); the anomaly row is computed (_anomaly_runs)
+JOBS = [("reconstruction", "reconstruction_bce", False, "summed BCE of the test images"),
+        ("features for a classifier", "probe_accuracy", True, "converged probe, 550 labels"),
+        ("anomaly detection", None, True, "AUROC"),
+        ("unconditional samples", "sample_legibility", True, "legible samples, better sampler"),
+        ("interpolation", "interpolation_confidence", True, "judge's mean confidence"),
+        ("2-d map", "umap_trustworthiness", True, "trustworthiness(15) of the umap_lite map")]
+
+
+def verdicts(m, names, digits):
+    """One row per job: [job, metric, best, runner-up, best reference, verdict], from results.json.
+
+    Each model's per-seed values of the job's metric (_job_runs) are ranked by their mean. The
+    verdict: "no autoencoder beats R" when the best reference R is ahead of the best contestant by
+    more than VERDICT_SIGMAS of the contestant's seed standard deviations, "on par with R" when it
+    is ahead by less; otherwise "<best> best" when the lead over the runner-up exceeds
+    VERDICT_SIGMAS standard deviations of the paired per-seed differences, "tie" when it does not.
+    A single seed has no spread: its leads are reported as "one seed".
+    """
+    rows = []
+    for job, metric, higher, what in JOBS:
+        runs, how = _job_runs(m, metric, names, digits)
+        if not runs:
+            continue
+        sign = 1 if higher else -1
+        mean = lambda n: sign * float(np.mean(runs[n]))
+        ranked = sorted((n for n in runs if n in names), key=mean, reverse=True)
+        refs = sorted((n for n in runs if n not in names), key=mean, reverse=True)
+        if not ranked:
+            continue
+        best, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        show = lambda n: f"{n}{how.get(n, '')} {np.mean(runs[n]):.3f}" if n else ""
+        verdict = _verdict(runs, best, second, refs[0] if refs else None, sign)
+        rows.append([job, what + (" ↑" if higher else " ↓"), show(best), show(second),
+                     show(refs[0]) if refs else "", verdict])
+    return rows
+
+
+def _verdict(runs, best, second, ref, sign):
+    """The rule of `verdicts`, for one job: sign = +1 where higher is better, -1 where lower is."""
+    b = sign * np.asarray(runs[best], dtype=float)
+    if ref is not None:
+        lead = sign * float(np.mean(runs[ref])) - float(b.mean())
+        spread = float(np.std(b, ddof=1)) if len(b) > 1 else 0.0
+        if lead > VERDICT_SIGMAS * spread:
+            return f"no autoencoder beats {ref}"
+        if lead > 0:
+            return f"on par with {ref}"
+    if second is None:
+        return f"{best} best"
+    d = b[:len(runs[second])] - sign * np.asarray(runs[second], dtype=float)[:len(b)]
+    if len(d) < 2:
+        return f"{best} ahead (one seed)"
+    return f"{best} best" if d.mean() > VERDICT_SIGMAS * np.std(d, ddof=1) else f"tie: {best}, {second}"
+
+
+def _job_runs(m, metric, names, digits):
+    """({model: per-seed values}, {model: " (how)"}) of one job's metric; for the anomaly row (metric
+    None) the mean AUROC over the held-out digits of each model's best score, and for samples each
+    model's best sampler. References: every row that is not a contestant (pca, pixels, ink, ...)."""
+    if metric == "sample_legibility":
+        runs, how = {}, {}
+        for suffix, sampler in SAMPLERS.items():
+            for n, v in m.get(metric + suffix, {}).items():
+                if n not in runs or np.mean(v["runs"]) > np.mean(runs[n]):
+                    runs[n], how[n] = v["runs"], f" ({sampler})"
+        return runs, how
+    if metric is not None:
+        return {n: v["runs"] for n, v in m.get(metric, {}).items()}, {}
+    keys = [f"_digit_{d}" for d in digits] if len(digits) > 1 else [""]
+    runs, how, n_scores = {}, {}, {}
+    for score in ANOMALY_SCORES:        # the signed score is not an error: kept for comparison only
+        at = [m.get(tasks.metric_names(score)[0] + k, {}) for k in keys]
+        for n in set.intersection(*(set(a) for a in at)):
+            per_seed = np.mean([a[n]["runs"] for a in at], axis=0).tolist()
+            n_scores[n] = n_scores.get(n, 0) + 1
+            if n not in runs or np.mean(per_seed) > np.mean(runs[n]):
+                runs[n], how[n] = per_seed, f" ({score})"
+    return runs, {n: h for n, h in how.items() if n_scores[n] > 1}    # named where there was a choice
+
+
+def report_verdicts(m, names, cfg):
+    digits = cfg.get("anomaly_digits", [ANOMALY_DIGIT])
+    rows = verdicts(m, names, digits)
+    n_digits = len(digits) if len(digits) > 1 else 1
+    return ("## Which autoencoder for which job?\n\n" + _table(
+        ["job", "metric", "best contestant", "runner-up", "best reference", "verdict"], rows)
+        + f"\nEach number is the mean over the seeds. Anomaly detection: the mean AUROC over "
+          f"{n_digits} held-out digit(s), each model with its best score (in brackets where more than "
+          "the summed BCE was measured); samples: each model's better sampler. References (pca, raw "
+          "pixels, ink, the input's complexity) are rows that are not contestants. The rule: *no "
+          f"autoencoder beats R* when reference R is ahead of the best contestant by more than "
+          f"{VERDICT_SIGMAS} of that contestant's seed standard deviations (ddof = 1), *on par with R* "
+          f"when ahead by less; otherwise *best* when the lead over the runner-up exceeds {VERDICT_SIGMAS} "
+          "standard deviations of their paired per-seed differences, *tie* when it does not.\n")
 
 
 def report_summary(m, names):

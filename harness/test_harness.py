@@ -2822,3 +2822,80 @@ def test_bench_skips_a_missing_comparison_library_with_one_line(monkeypatch, cap
     printed = capsys.readouterr().out.strip().splitlines()
     assert len(printed) == 1 and "scikit-learn" in printed[0] and "skipped" in printed[0]
     assert bench.missing_packages({"json": "json", "no_such_module_here": "no-such"}) == ["no-such"]
+
+
+# ---- the verdict table: each rule on both sides of its boundary
+
+def _verdict_of(best, second, ref, higher=True):
+    runs = {"a": best, "b": second, **({"R": ref} if ref is not None else {})}
+    return report._verdict(runs, "a", "b", "R" if ref is not None else None, 1 if higher else -1)
+
+
+def test_verdict_reference_ahead_by_more_or_less_than_two_seed_stds():
+    best = [0.70, 0.72, 0.74]                                  # std (ddof = 1) 0.02: the margin is 0.04
+    assert _verdict_of(best, [0.5] * 3, [0.7601] * 3) == "no autoencoder beats R"    # ahead by 0.0401
+    assert _verdict_of(best, [0.5] * 3, [0.7599] * 3) == "on par with R"             # ahead by 0.0399
+    assert _verdict_of(best, [0.5] * 3, [0.7199] * 3) == "a best"                    # behind: the contestants'
+    # lower is better: the same rule on the other side of the numbers
+    assert _verdict_of([70, 72, 74], [80] * 3, [67.99] * 3, higher=False) == "no autoencoder beats R"
+    assert _verdict_of([70, 72, 74], [80] * 3, [68.01] * 3, higher=False) == "on par with R"
+
+
+def test_verdict_best_only_when_the_lead_exceeds_two_stds_of_the_paired_differences():
+    second = [0.60, 0.60, 0.60]
+    # differences 0.10, 0.11, 0.12: mean 0.11, std 0.01 -> 0.11 > 0.02: best
+    assert _verdict_of([0.70, 0.71, 0.72], second, None) == "a best"
+    # differences 0.01, 0.03, 0.05: mean 0.03, std 0.02 -> 0.03 < 0.04: tie
+    assert _verdict_of([0.61, 0.63, 0.65], second, None) == "tie: a, b"
+    # differences 0.0, 0.0401 ... the boundary: mean d = 2 std(d) exactly is a tie, a hair above is best
+    d = np.array([1.0, 2.0, 3.0]) * 0.01                      # mean 0.02, std 0.01: 0.02 = 2 x 0.01
+    assert _verdict_of((0.6 + d).tolist(), second, None) == "tie: a, b"
+    assert _verdict_of((0.6 + d + np.array([0, 0, 0.0003])).tolist(), second, None) == "tie: a, b"
+    assert _verdict_of((0.6 + d * [1, 1, 1] + 0.0001 * np.array([1, 1, 1]) + [0.001, 0.001, 0.001]).tolist(),
+                       second, None) == "a best"
+    assert _verdict_of([0.7], [0.6], None) == "a ahead (one seed)"
+
+
+def test_verdicts_take_each_models_best_anomaly_score_and_better_sampler():
+    run = lambda *v: {"mean": float(np.mean(v)), "std": 0.0, "runs": list(v)}
+    m = {"reconstruction_bce": {"x": run(60, 61), "y": run(70, 71), "pca": run(100, 100)},
+         "anomaly_auc_digit_0": {"x": run(0.6, 0.6), "y": run(0.7, 0.7), "ink": run(0.2, 0.2)},
+         "anomaly_auc_digit_1": {"x": run(0.6, 0.6), "y": run(0.7, 0.7), "ink": run(0.9, 0.9)},
+         "anomaly_auc_sse_digit_0": {"x": run(0.9, 0.9), "y": run(0.5, 0.5)},
+         "anomaly_auc_sse_digit_1": {"x": run(0.8, 0.8), "y": run(0.5, 0.5)},
+         "sample_legibility": {"y": run(0.3, 0.3)}, "sample_legibility_gmm": {"x": run(0.5, 0.5), "y": run(0.2, 0.2)}}
+    rows = {r[0]: r for r in report.verdicts(m, ["x", "y"], [0, 1])}
+    assert rows["reconstruction"][2:] == ["x 60.500", "y 70.500", "pca 100.000", "x best"]
+    assert rows["anomaly detection"][2:5] == ["x (sse) 0.850", "y (bce) 0.700", "ink 0.550"]
+    assert rows["unconditional samples"][2:4] == ["x (ex-post mixture) 0.500", "y (own prior) 0.300"]
+    # with the summed BCE alone, nothing is named
+    only_bce = {k: v for k, v in m.items() if "sse" not in k}
+    assert report.verdicts(only_bce, ["x", "y"], [0, 1])[1][2] == "y 0.700"
+
+
+# ---- the README answers first: its verdict tables are the committed reports'
+
+def test_readme_verdict_tables_are_the_committed_reports():
+    root = pathlib.Path(run.__file__).parent
+    readme = (root / "README.md").read_text()
+    for dataset in ("mnist", "fashion"):
+        text = (root / "results" / dataset / "REPORT.md").read_text()
+        section = text[text.index("## Which autoencoder for which job?"):]
+        table = [line for line in section.split("\n\n")[1].splitlines() if line.startswith("|")]
+        assert len(table) >= 7 and "\n".join(table) in readme, dataset
+
+
+# ---- the documents speak of the software only
+
+PROCESS_WORDS = ("session", "lent", "closing note", "we had", "we used", "no gpu was", "our machines",
+                 "an earlier", "by hand since")
+
+
+def test_tracked_markdown_never_tells_how_or_by_whom_it_was_made():
+    root = pathlib.Path(run.__file__).parent
+    tracked = subprocess.run(["git", "ls-files", "*.md"], cwd=root, capture_output=True, text=True).stdout.split()
+    assert tracked, "git lists no Markdown file"
+    import re
+    found = [(path, word) for path in tracked for word in PROCESS_WORDS
+             if re.search(r"\b" + word + r"\b", (root / path).read_text().lower())]
+    assert found == []
