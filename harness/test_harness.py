@@ -2699,7 +2699,7 @@ def test_report_renders_every_section_from_results_alone(tmp_path):
     path = report.write_report(results, str(tmp_path))
     text = open(path).read()
     sections = [line for line in text.splitlines() if line.startswith("## ")]
-    assert sections == ["## Summary", "## Reconstruction", "## Training time", "## Samples", "## Interpolation",
+    assert sections == ["## Which autoencoder for which job?", "## Summary", "## Reconstruction", "## Training time", "## Samples", "## Interpolation",
                         "## Latent structure", "## Classification", "## Anomaly detection",
                         "## The article's numbers against our seed spread", "## Audit of the article's conclusions",
                         "## Settings and environment"]
