@@ -227,7 +227,7 @@ def task_anomaly(anomaly, data, seed):
     at latent 2. Returns the ROC curves of the article's setting to plot.
     """
     y_test, refs = data["y_test"], tasks.anomaly_references(data["x_test"])
-    m, curves = {}, {}
+    m, curves, density = {}, {}, None
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for (latent, digit), models in anomaly.items():
         is_anomaly = y_test == digit
@@ -245,12 +245,28 @@ def task_anomaly(anomaly, data, seed):
             rows[reference] = tasks.anomaly_metrics(is_anomaly, {"bce": refs[reference]}, -refs["ink"])
         if headline:
             curves["ink"] = [("low ink", *tasks.roc_curve(is_anomaly, refs["ink"])[:2], rows["ink"]["anomaly_auc"])]
+            shown = next((n for n in models if models[n].bottleneck.stochastic), next(iter(models), None))
+            if shown is not None:
+                density = _density_picture(models[shown], shown, fit, val, data["x_test"], is_anomaly, seed)
         for name, row in rows.items():
             for metric, value in row.items():
                 put(metric + anomaly_suffix(latent, digit), name, value)
                 if headline:
                     put(metric, name, value)
-    return m, curves
+    return m, {"roc": curves, "density": density}
+
+
+def _density_picture(model, name, fit, val, x_test, is_anomaly, seed, n_grid=100):
+    """code_nll's picture: log p(z) of its mixture on a grid over the training codes, with the test
+    codes of the held-out digit and of the other digits on top; None unless the code is 2-d."""
+    gmm, codes = tasks.code_density(model, fit, val, seed)
+    z_fit, z_test = codes(fit), codes(x_test)
+    if z_fit.shape[1] != 2:
+        return None                 # only a 2-d code space can be drawn as it is
+    lo, hi = np.percentile(z_fit, 0.5, axis=0), np.percentile(z_fit, 99.5, axis=0)
+    gx, gy = np.meshgrid(*(np.linspace(a - 0.1 * (b - a), b + 0.1 * (b - a), n_grid) for a, b in zip(lo, hi)))
+    log_p = tasks.gmm_log_density(gmm, np.c_[gx.ravel(), gy.ravel()]).reshape(n_grid, n_grid)
+    return {"model": name, "grid": (gx, gy, log_p), "anomalies": z_test[is_anomaly], "normal": z_test[~is_anomaly]}
 
 
 def task_generation(models, data, judge, seed):

@@ -845,12 +845,18 @@ def code_nll(model, x, x_train, x_val, seed):
     quantiser. The mixture is the samplers' (choose_gmm): fitted on the codes of x_train, its size
     K chosen on those of x_val; for an anomaly model neither holds the held-out class.
     """
+    gmm, codes = code_density(model, x_train, x_val, seed)
+    return -gmm_log_density(gmm, codes(x))
+
+
+def code_density(model, x_train, x_val, seed):
+    """(mixture, codes): code_nll's mixture, and the function that gives an image's code."""
     if hasattr(model.bottleneck, "codebook"):
         codes = lambda images: encoder_outputs(model, images)
     else:
         codes = lambda images: encode(model, images, sample=False)
     gmm, _ = choose_gmm(codes(x_train), codes(x_val), seed)
-    return -gmm_log_density(gmm, codes(x))
+    return gmm, codes
 
 
 def anomaly_references(x):

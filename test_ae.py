@@ -2301,7 +2301,8 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
     anomaly = {(2, 1): {"a": _ScoreStub(0.9), "pca": _ScoreStub(0.5)},
                (2, 3): {"a": _ScoreStub(0.7), "pca": _ScoreStub(0.5)},
                (20, 1): {"a": _ScoreStub(0.3), "pca": _ScoreStub(0.5)}}
-    m, curves = run.task_anomaly(anomaly, data, seed=42)
+    m, figs = run.task_anomaly(anomaly, data, seed=42)
+    curves = figs["roc"]
     ink = x.astype(np.float64).sum(1)
     for (latent, digit), models in anomaly.items():
         suffix = f"_digit_{digit}" + ("" if latent == 2 else f"_z{latent}")

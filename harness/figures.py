@@ -41,7 +41,9 @@ def write_figures(figs, data, args, out_dir):
         save_gif(frames, at(filename))
     plot_latents(maps["maps20"], y_map, at("latent_umap.png"), maps["notes20"], names)
     plot_latents(maps["maps2"], y_map, at("latent_2d.png"), maps["notes2"], names)
-    plot_roc(figs["anomaly"], at("anomaly_roc.png"))
+    plot_roc(figs["anomaly"]["roc"], at("anomaly_roc.png"))
+    if figs["anomaly"]["density"] is not None:
+        plot_code_density(figs["anomaly"]["density"], at("anomaly_code_density.png"))
     curves = figs["classification"]
     budgets = sorted({b for c in curves.values() for b in c})
     lines = lambda c: ([c[b][0] for b in budgets], [c[b][1] for b in budgets])
@@ -170,6 +172,22 @@ def plot_roc(curves_by_model, path):
     _savefig(fig, path)
 
 
+def plot_code_density(density, path):
+    """Contours of log p(z) of the training codes' mixture, the test codes on top (code_nll's picture)."""
+    plt = _pyplot()
+    gx, gy, log_p = density["grid"]
+    fig, ax = plt.subplots(figsize=(6, 5))
+    contours = ax.contourf(gx, gy, log_p, levels=np.linspace(log_p.max() - 12, log_p.max(), 13), cmap="Greys",
+                           extend="min")
+    fig.colorbar(contours, ax=ax, label="log p(z), mixture of the training codes")
+    ax.scatter(*density["normal"][:2000].T, s=2, c="tab:blue", alpha=0.4, label="test codes, other digits")
+    ax.scatter(*density["anomalies"][:500].T, s=3, c="tab:red", alpha=0.7, label="test codes, held-out digit")
+    ax.set_xlim(gx.min(), gx.max()), ax.set_ylim(gy.min(), gy.max())
+    ax.set_title(f"{density['model']}, latent 2: where the held-out digit's codes land", fontsize=9)
+    ax.legend(fontsize=7, loc="upper right", markerscale=3)
+    _savefig(fig, path)
+
+
 def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
     """Side-by-side heatmaps with each cell's value written in it; panels = {title: (R, C) array}."""
     plt = _pyplot()
@@ -180,6 +198,8 @@ def plot_heatmaps(panels, row_names, col_names, path, vmin=0.0, vmax=1.0):
     for ax, (title, values) in zip(axes[0], panels.items()):
         image = ax.imshow(values, cmap="RdBu_r", vmin=vmin, vmax=vmax, aspect="auto")
         for (i, j), v in np.ndenumerate(values):   # dark text on light cells, white on the saturated
+            if np.isnan(v):
+                continue                            # a reference without this score
             ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=6.5,
                     color="white" if abs(v - (vmin + vmax) / 2) > 0.3 * (vmax - vmin) else "black")
         ax.set_xticks(range(n_cols), col_names, fontsize=8)

@@ -40,6 +40,7 @@ from harness.protocol import (ANOMALY_DIGIT, BUDGET_DRAWS, EPOCHS, FIRST_SEED, L
 # ---- constants
 
 CLEAR_MARGIN = 0.02             # a lead in confidence or AUROC smaller than this is no lead
+INK_FREE = 0.3                  # |rank correlation| with ink below which a score is free of it (rho^2 < 0.1)
 INK_STRONG = 0.7                # |rank correlation| with ink from which a score "measures ink":
                                 # rho^2 ~ 0.5, ink alone orders half the variance of the score's ranks
 SAME_TIME_RATIO = 1.25          # training times within this factor count as "about equal"
@@ -294,6 +295,57 @@ def claim_same_training_time(s, names, digits):
 
 # (the claim, the contestants it names, what else it needs (None, or a function that says what
 # the run lacks), its check on one seed's numbers -> (holds, evidence))
+def _score_keys(digits, latent=None):
+    """Key suffixes a claim about the anomaly scores averages over: every held-out digit (or the
+    article's), or the article's digit at another latent size."""
+    if latent:
+        return [f"_digit_{ANOMALY_DIGIT}_z{latent}"]
+    return [f"_digit_{d}" for d in digits] if len(digits) > 1 else [""]
+
+
+def _auc(s, score, n, keys):
+    return float(np.mean([s[tasks.metric_names(score)[0] + k][n] for k in keys]))
+
+
+def claim_score_beats_bce(s, names, digits, score, latent=None, scope=None):
+    """The score's mean AUROC over the digits is above the summed BCE's for most of the models
+    (for every one of `scope`, when given)."""
+    keys = _score_keys(digits, latent)
+    have = [n for n in (scope or names) if n in s[tasks.metric_names(score)[0] + keys[0]]]
+    ahead = [n for n in have if _auc(s, score, n, keys) > _auc(s, "bce", n, keys)]
+    pairs = sum(s[tasks.metric_names(score)[0] + k][n] > s["anomaly_auc" + k][n] for n in have for k in keys)
+    holds = len(ahead) == len(have) if scope else len(ahead) > len(have) / 2
+    return holds, (f"ahead for {len(ahead)} of {len(have)} ({', '.join(ahead) or 'none'}); on {pairs} of "
+                   f"{len(have) * len(keys)} (model, digit) pairs")
+
+
+def claim_some_score_free_of_ink(s, names, digits):
+    keys = _score_keys(digits)
+    median = {sc: float(np.median([abs(s[tasks.metric_names(sc)[2] + k][n]) for n in names for k in keys]))
+              for sc in ANOMALY_SCORES if all(tasks.metric_names(sc)[2] + k in s for k in keys)
+              and all(n in s[tasks.metric_names(sc)[2] + keys[0]] for n in names)}
+    free = [sc for sc, v in median.items() if sc != "bce" and v < INK_FREE]
+    return bool(free), "median |ρ|: " + ", ".join(f"{sc} {v:.2f}" for sc, v in median.items())
+
+
+def claim_best_pair_beats_references(s, names, digits):
+    keys = _score_keys(digits)
+    pairs = {(n, sc): _auc(s, sc, n, keys) for sc in ANOMALY_SCORES for n in names
+             if all(n in s.get(tasks.metric_names(sc)[0] + k, {}) for k in keys)}
+    refs = {r: _auc(s, "bce", r, keys) for r in ("ink", "entropy", "png") if r in s["anomaly_auc" + keys[0]]}
+    refs.update({f"pca ({sc})": _auc(s, sc, "pca", keys) for sc in ANOMALY_SCORES
+                 if all("pca" in s.get(tasks.metric_names(sc)[0] + k, {}) for k in keys)})
+    (n, sc), best = max(pairs.items(), key=lambda kv: kv[1])
+    ref = max(refs, key=refs.get)
+    return (best - refs[ref] > CLEAR_MARGIN,
+            f"best {n} with {sc} {best:.3f}; best reference {ref} {refs[ref]:.3f}; lead {best - refs[ref]:+.3f}")
+
+
+def _both(*lacks):
+    """What a claim lacks under several conditions: the first that is not met, else None."""
+    return lambda s, digits: next((w for w in (lack(s, digits) for lack in lacks) if w), None)
+
+
 CLAIMS = [
     ("The shallow AE reconstructs worst.", ("shallow",), None, claim_shallow_worst),
     ("Vanilla, sparse and vq-VAE share first place in reconstruction.",
@@ -361,6 +413,22 @@ CLAIMS = [
      f"more than {CLEAR_MARGIN}).", ("vae", "vanilla"), None, claim_vae_interpolations),
     (f"Training time is about the same for every model (within x{SAME_TIME_RATIO}).", ("shallow", "vanilla"),
      None, claim_same_training_time),
+    ("(ours) Removing the BCE's floor beats the summed BCE: BCE - H(x) has the higher mean AUROC over "
+     "the held-out digits for most contestants.", (), has("anomaly_auc_bce_excess"),
+     partial(claim_score_beats_bce, score="bce_excess")),
+    ("(ours) Code density beats the summed BCE at latent 2: -log p(z) has the higher mean AUROC over "
+     "the held-out digits for most contestants.", (), has("anomaly_auc_code_nll"),
+     partial(claim_score_beats_bce, score="code_nll")),
+    ("(ours) Code density beats the summed BCE at latent 20 (held-out 1) for most contestants.", (),
+     _both(several_latents, has("anomaly_auc_code_nll")), partial(claim_score_beats_bce, score="code_nll", latent=20)),
+    ("(ours) A VAE's likelihood bound beats its reconstruction error: -IWAE above the summed BCE for "
+     "every VAE (mean AUROC over the held-out digits).", ARTICLE_VAES, has("anomaly_auc_neg_iwae"),
+     partial(claim_score_beats_bce, score="neg_iwae", scope=ARTICLE_VAES)),
+    (f"(ours) Some score beyond the summed BCE is free of ink: median |ρ with ink| below {INK_FREE} "
+     "over the contestants and digits.", (), has("anomaly_ink_spearman_bce_excess"), claim_some_score_free_of_ink),
+    (f"(ours) The best (model, score) pair beats every reference (ink, H(x), L(x), pca with any score) "
+     f"by more than {CLEAR_MARGIN} (mean AUROC over the held-out digits).", ("pca",),
+     has("anomaly_auc_bce_excess"), claim_best_pair_beats_references),
 ]
 
 
@@ -715,7 +783,60 @@ def report_anomaly(m, names, cfg, article, out_dir):
                      + ["ρ ink (BCE)", "ρ ink (signed)"], rows)
             + _below_chance_note(m, names, held_out)
             + "\n![ROC curves](anomaly_roc.png)\n")
-    return text + report_anomaly_sweep(m, names, cfg, out_dir) + report_anomaly_latents(m, names, cfg)
+    return (text + report_anomaly_sweep(m, names, cfg, out_dir) + report_anomaly_latents(m, names, cfg)
+            + report_anomaly_scores(m, names, cfg, out_dir))
+
+
+SCORE_TITLES = {"bce": "summed BCE", "bce_excess": "BCE - H(x)", "sse": "squared error", "code_nll": "-log p(z)",
+                "neg_elbo": "-ELBO", "neg_iwae": "-IWAE (k=128)", "neg_elbo_excess": "-ELBO - H(x)",
+                "bce_png": "BCE bits - L(x)"}
+REFERENCES = {"ink": "ink (low)", "entropy": "H(x)", "png": "L(x), PNG bits"}
+
+
+def _digit_means(m, score, n, keys):
+    """Per-seed means over the held-out digits' keys of one score's AUROC (None if not measured)."""
+    at = [m.get(tasks.metric_names(score)[0] + k, {}).get(n) for k in keys]
+    return None if any(a is None for a in at) else np.mean([a["runs"] for a in at], axis=0)
+
+
+def report_anomaly_scores(m, names, cfg, out_dir):
+    """Every anomaly score, every model: the mean AUROC over the held-out digits, the rank
+    correlation with ink, per-digit tables and heatmaps, and the code density's picture."""
+    if "anomaly_auc_bce_excess" not in m:
+        return ""           # a run from before these scores
+    digits = cfg["anomaly_digits"] if len(cfg["anomaly_digits"]) > 1 else [ANOMALY_DIGIT]
+    keys = [f"_digit_{d}" for d in digits] if len(digits) > 1 else [""]
+    scores = [s for s in ANOMALY_SCORES if any(tasks.metric_names(s)[0] + keys[0] in k for k in m)]
+    rows_m = [n for n in _rows(m, ["anomaly_auc" + keys[0]], names) if n not in REFERENCES]
+    cell = lambda v: "" if v is None else (f"{v.mean():.3f} ± {np.std(v, ddof=1):.3f}" if len(v) > 1 else f"{v.mean():.3f}")
+    table = [[_label(n, names), ""] + [cell(_digit_means(m, s, n, keys)) for s in scores] for n in rows_m]
+    table += [[_label(REFERENCES[r], names), cell(_digit_means(m, "bce", r, keys))] + [""] * len(scores)
+              for r in REFERENCES if r in m.get("anomaly_auc" + keys[0], {})]
+    rho = lambda s, n: [m[tasks.metric_names(s)[2] + k][n]["mean"] for k in keys if n in m.get(tasks.metric_names(s)[2] + k, {})]
+    rho_rows = [[_label(n, names)] + [f"{np.mean(rho(s, n)):+.2f}" if rho(s, n) else "" for s in scores] for n in rows_m]
+    text = (f"\n### Every anomaly score\n\nMean AUROC over the {len(keys)} held-out digit(s) (each seed's mean, "
+            "then mean ± std over the seeds); higher = better; PROTOCOL.md 6.3 defines each score. The "
+            "reference rows need no model: low ink, the BCE's floor H(x), and the PNG length L(x).\n\n"
+            + _table(["model", "no model"] + [SCORE_TITLES[s] for s in scores], table)
+            + f"\nRank correlation with ink, mean over the digits: near ±1 a score orders the images by "
+              f"their stroke mass; |ρ| below {INK_FREE} is free of it.\n\n"
+            + _table(["model"] + [SCORE_TITLES[s] for s in scores], rho_rows))
+    if len(digits) > 1:
+        shown = _rows(m, ["anomaly_auc" + keys[0]], names)
+        value = lambda s, d, n: m.get(f"{tasks.metric_names(s)[0]}_digit_{d}", {}).get(n, {"mean": np.nan})["mean"]
+        for s in scores[1:]:
+            per_digit = [[_label(n, names)] + [f"{value(s, d, n):.3f}" for d in digits] for n in shown
+                         if not np.isnan(value(s, digits[0], n))]
+            text += f"\nAUROC by held-out digit, {SCORE_TITLES[s]} (mean over the seeds):\n\n" + _table(
+                ["model"] + [str(d) for d in digits], per_digit)
+        panels = {SCORE_TITLES[s]: np.array([[value(s, d, n) for d in digits] for n in shown]) for s in scores}
+        figures.plot_heatmaps(panels, [n if n in names else f"{n} (ref)" for n in shown], [str(d) for d in digits],
+                              os.path.join(out_dir, "anomaly_scores.png"))
+        text += "\n![AUROC by held-out digit, every score](anomaly_scores.png)\n"
+    if os.path.exists(os.path.join(out_dir, "anomaly_code_density.png")):
+        text += ("\nThe code density's picture (first seed, held-out digit 1): the mixture of the training "
+                 "codes as contours, the test codes on top.\n\n![code density](anomaly_code_density.png)\n")
+    return text
 
 
 def report_anomaly_sweep(m, names, cfg, out_dir):

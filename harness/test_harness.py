@@ -1078,6 +1078,31 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
     assert (out / "REPORT.md").read_text() == text and (out / "anomaly_digits.png").exists()
     rows = [r for r in report.audit(m, ["shallow"], [0, 1, 3]) if r[0].startswith("PCA is a good first try")]
     assert len(rows) == 2 and all("means over 3 digits" in r[2] for r in rows)
+    # every score: the compact table (shallow's BCE - H(x) over the three digits), the per-score
+    # heatmaps, the code density's picture, and the audit's rows about the scores all ran
+    assert "### Every anomaly score" in text and (out / "anomaly_scores.png").exists()
+    assert (out / "anomaly_code_density.png").exists() and "anomaly_code_density.png" in text
+    excess = np.mean([m[f"anomaly_auc_bce_excess_digit_{d}"]["shallow"]["mean"] for d in (0, 1, 3)])
+    assert f"{excess:.3f}" in text
+    ours = {r[0]: r[1] for r in report.audit(m, ["shallow"], [0, 1, 3])}
+    scored = [c for c in ours if "BCE's floor" in c or "Code density" in c or "free of ink" in c or "(model, score)" in c]
+    assert len(scored) == 5 and all(ours[c] != "not run" for c in scored)
+
+
+def test_claims_about_the_scores_hold_on_one_side_of_their_boundary_only():
+    digits = [0, 1]
+    auc = lambda bce, other: {**{f"anomaly_auc_digit_{d}": {"a": bce, "b": bce, "ink": 0.5, "pca": 0.5} for d in digits},
+                              **{f"anomaly_auc_bce_excess_digit_{d}": {"a": other, "b": other, "pca": 0.5} for d in digits}}
+    beats = lambda s: report.claim_score_beats_bce(s, ["a", "b"], digits, score="bce_excess")[0]
+    assert beats(auc(0.70, 0.71)) and not beats(auc(0.70, 0.70)) and not beats(auc(0.70, 0.69))
+    best = lambda s: report.claim_best_pair_beats_references(s, ["a", "b"], digits)   # references at 0.5
+    assert best(auc(0.40, 0.5001 + report.CLEAR_MARGIN))[0]                 # lead just above the margin
+    assert not best(auc(0.40, 0.4999 + report.CLEAR_MARGIN))[0]             # just below
+    assert "best a with bce_excess" in best(auc(0.52, 0.6))[1]
+    rho = lambda v: {f"anomaly_ink_spearman_bce_excess_digit_{d}": {"a": v, "b": -v} for d in digits} | {
+        f"anomaly_ink_spearman_digit_{d}": {"a": 0.9, "b": 0.9} for d in digits}
+    free = lambda s: report.claim_some_score_free_of_ink(s, ["a", "b"], digits)[0]
+    assert free(rho(report.INK_FREE - 0.01)) and not free(rho(report.INK_FREE + 0.01))
 
 
 def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
@@ -1864,7 +1889,10 @@ def test_audit_of_an_older_run_without_references_or_new_metrics_marks_those_cla
                for claim, why in not_run.items())
     sampler_claims = [c for c in not_run if "sample_legibility_" in not_run[c]]
     assert len(sampler_claims) == 5       # strict with the mixture, vq's three learned priors, only the VAEs
-    assert len(not_run) == 2 + 2 + 1 + 5
+    scores_claims = [c for c in not_run if "which this run's results.json lacks" in not_run[c]
+                     and any(k in not_run[c] for k in ("bce_excess", "code_nll", "neg_iwae"))]
+    assert len(scores_claims) == 6        # the anomaly scores beyond the summed BCE: none measured then
+    assert len(not_run) == 2 + 2 + 1 + 5 + 6
     assert rows[next(c for c in rows if c.startswith("The shallow AE"))][0] == "confirmed"   # the rest is judged
 
 
@@ -2679,6 +2707,14 @@ def _synthetic_results(n_seeds=3, digits=(1, 3)):
     for d in digits:        # the per-digit metrics the sweep's tables read beside the AUROCs
         for metric in ("anomaly_auprc", "anomaly_ink_spearman", "anomaly_ink_spearman_signed_score"):
             base[f"{metric}_digit_{d}"] = {n: 0.5 for n in base[f"anomaly_auc_digit_{d}"]}
+    # the scores beyond the summed BCE, each ahead of it and free of ink, for every claim about them to run
+    suffixes = [""] + [f"_digit_{d}" for d in digits] + [f"_digit_1_z20"] * ("anomaly_auc_digit_1_z20" in base)
+    for sfx in suffixes:
+        models = [n for n in base["anomaly_auc" + sfx] if n in ae.MODELS or n == "pca"]
+        for score in ("bce_excess", "code_nll") + ("neg_iwae",) * True:
+            scope = [n for n in models if score != "neg_iwae" or ae.CONTESTANTS[n].stochastic]
+            base[f"anomaly_auc_{score}{sfx}"] = {n: 0.9 if n == "pca" else 0.98 for n in scope}
+        base[f"anomaly_ink_spearman_bce_excess{sfx}"] = {n: 0.1 for n in models}
     seeds = [{metric: {n: v + 0.001 * i for n, v in by_model.items()} for metric, by_model in base.items()}
              for i in range(n_seeds)]
     seeds[0]["umap_trustworthiness"] = {n: 0.9 for n in ae.MODELS}     # the maps: first seed only
