@@ -639,8 +639,26 @@ def report_summary(m, names):
          for n in _rows(m, ["reconstruction_bce", "probe_accuracy", "anomaly_auc"], names)])
 
 
+def _finding(m, metric, names, higher=True, digits=3, what=""):
+    """A section's first line: the best and the worst contestant by their mean, and whether the best
+    reference (a row that is not a contestant) is ahead of the best contestant."""
+    runs, how = _job_runs(m, metric, names, [ANOMALY_DIGIT])
+    mean = {n: float(np.mean(v)) for n, v in runs.items()}
+    ranked = sorted((n for n in mean if n in names), key=mean.get, reverse=higher)
+    if len(ranked) < 2:
+        return ""
+    show = lambda n: f"{n} ({mean[n]:.{digits}f}" + (f"; {how[n].strip(' ()')})" if n in how else ")")
+    text = f"**Finding{what}:** {show(ranked[0])} is best, {show(ranked[-1])} worst"
+    refs = sorted((n for n in mean if n not in names), key=mean.get, reverse=higher)
+    if refs:
+        ahead = mean[refs[0]] > mean[ranked[0]] if higher else mean[refs[0]] < mean[ranked[0]]
+        text += f"; the best reference, {show(refs[0])}, is {'ahead of' if ahead else 'behind'} the best contestant"
+    return text + ".\n\n"
+
+
 def report_reconstruction(m, names, article):
-    return ("## Reconstruction\n\nMean over the test images of the BCE summed over the 1024 pixels. "
+    return ("## Reconstruction\n\n" + _finding(m, "reconstruction_bce", names, higher=False, digits=2)
+            + "Mean over the test images of the BCE summed over the 1024 pixels. "
             "The VAEs sample in evaluation too, as the companion code did.\n\n"
             + _compare_table(m, "reconstruction_bce", names, article, 2, relative=True)
             + "\nFirst 16 test images (top) and their reconstructions:\n\n"
@@ -649,7 +667,8 @@ def report_reconstruction(m, names, article):
 
 def report_training_time(results, names, article):
     env, m = results["environment"], results["metrics"]
-    return (f"## Training time\n\nWall time of {results['config']['epochs']} epochs incl. per-epoch "
+    return ("## Training time\n\n" + _finding(m, "training_seconds", names, higher=False, digits=0, what=" (fastest first)")
+            + f"Wall time of {results['config']['epochs']} epochs incl. per-epoch "
             f"validation, latent 20, on {env['gpu'] or env['cpu']}, as timed when each model was trained"
             + (" (published: one GPU, data loading dominated)." if article else ".") + "\n\n"
             + _compare_table(m, "training_seconds", names, article, 0, spread=False))
@@ -663,8 +682,8 @@ def report_samples(m, names):
             for n in shown for suffix in SAMPLERS if n in m.get(f"sample_legibility{suffix}", {})]
     if not rows:
         return ""
-    return ("## Samples\n\n"
-            f"{N_GENERATED} unconditional samples per model and sampler, scored by a small MLP digit "
+    return ("## Samples\n\n" + _finding(m, "sample_legibility", names, what=" (legible share, better sampler)")
+            + f"{N_GENERATED} unconditional samples per model and sampler, scored by a small MLP digit "
             "classifier (the *judge*, trained once on the training split): *legible* = share the judge "
             "classifies with confidence > 0.9; *diversity* = entropy of the predicted-class "
             "histogram (max ln 10 = 2.30); *FD* = Frechet distance between the judge's penultimate "
@@ -688,7 +707,8 @@ def report_interpolation(m, names):
              _fmt(m, "interpolation_confidence_fixed_noise", n, 3),
              _fmt(m, "interpolation_third_class_fixed_noise", n, 2)]
             for n in shown]
-    text = ("## Interpolation\n\nBetween the first two test images, through the encoder outputs before "
+    text = ("## Interpolation\n\n" + _finding(m, "interpolation_confidence", names)
+            + "Between the first two test images, through the encoder outputs before "
             f"the bottleneck ({tasks.INTERP_STEPS} steps). *Confidence* = the judge's mean top-class "
             "probability along the path; *third class* = share of runs whose path is classified as a "
             "digit other than its two ends somewhere. *Fixed noise*: the VAE's noise drawn once for "
@@ -703,7 +723,8 @@ def report_interpolation(m, names):
 
 
 def report_latent(m, names):
-    text = "## Latent structure\n\n"
+    text = "## Latent structure\n\n" + (_finding(m, "latent_knn_accuracy", names, what=" (10-NN accuracy of the 20-d codes)")
+                                           or _finding(m, "umap_trustworthiness", names, what=" (trustworthiness of the map)"))
     if "umap_trustworthiness" in m:
         text += ("20-d test codes mapped to 2-D by `umap_lite` (15 neighbours, min_dist 0.1), first "
                  "seed. *Trust* = trustworthiness (k = 15) of the map; *10-NN* = leave-one-out 10-NN "
@@ -725,8 +746,8 @@ def report_classification(m, names, cfg, article):
             + (_published_cells(m, "probe_accuracy_articles_probe", n, 4) if article else [])
             + [_fmt(m, "knn_probe_accuracy", n, 4)] for n in _rows(m, ["probe_accuracy"], names)]
     pixels = PIXELS in m.get("probe_accuracy", {})    # the raw-pixel reference row
-    text = ("## Classification\n\n"
-            f"Frozen encoder (+ bottleneck), {cfg['probe_labels']} labelled training images. *Converged*: "
+    text = ("## Classification\n\n" + _finding(m, "probe_accuracy", names, digits=4, what=" (converged probe)")
+            + f"Frozen encoder (+ bottleneck), {cfg['probe_labels']} labelled training images. *Converged*: "
             "multinomial logistic regression on standardised codes, trained to convergence, L2 "
             "strength picked on the validation set. *Article's probe*: a linear layer, Adam lr 1e-3, "
             "batch 32, at most 20 epochs, early stop on validation accuracy, patience 3. *mu*: the "
@@ -770,8 +791,8 @@ def report_anomaly(m, names, cfg, article, out_dir):
             + (_published_cells(m, "anomaly_auc_signed_score", n, 4) if article else [])
             + [_fmt(m, "anomaly_ink_spearman", n, 2), _fmt(m, "anomaly_ink_spearman_signed_score", n, 2)]
             for n in _rows(m, ["anomaly_auc"], names)]
-    text = ("## Anomaly detection\n\n"
-            f"Latent-{LATENT_ANOMALY} models trained without {held_out}; score = summed BCE of the "
+    text = ("## Anomaly detection\n\n" + _finding(m, None, names, what=f" (AUROC, held-out {held_out})")
+            + f"Latent-{LATENT_ANOMALY} models trained without {held_out}; score = summed BCE of the "
             f"reconstruction; positives = test images of {held_out}. *Signed* is the score behind the "
             "article's published AUCs: the signed sum of (reconstruction - input), which is not an "
             "error. *ink* needs no model: it ranks the test images by low summed intensity, the "
