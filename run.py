@@ -68,7 +68,7 @@ def main(argv=None):
     stages["training"] = time.time() - t
     # 3. the gauntlet, once per seed
     torch.set_num_threads(TASK_THREADS)
-    t = time.time()
+    t, workers.STATUS.seconds = time.time(), {}
     with workers.STATUS.step("judge (the digit classifier that scores samples)"):
         judge = trainings.get_judge(data, args, device, out_dir)
     per_seed = []
@@ -79,6 +79,7 @@ def main(argv=None):
             figures.write_figures(figs, data, args, out_dir)     # the figures show the first seed
         per_seed.append(m)
     stages["tasks"] = time.time() - t
+    stages.update({f"task {step}": s for step, s in workers.STATUS.seconds.items()})   # each task's seconds
     stages["total"] = time.time() - t_start
     # 4. results.json and REPORT.md
     results = {"config": cli.config(args, data, argv), "environment": {**env, **parallel},
@@ -109,7 +110,7 @@ def run_gauntlet(trained, data, args, seed, judge, device, out_dir, first):
              ("classification", lambda: task_classification(models, data, seed, args.quick)),
              ("pixels", lambda: task_pixel_references(data, seed, args.quick, device)),
              ("baselines", lambda: (task_baselines(data, seed, device), None)),
-             ("anomaly", lambda: task_anomaly(anomaly, data, seed)),
+             ("anomaly", lambda: task_anomaly(anomaly, data, seed, args.quick)),
              ("generation", lambda: task_generation(models, data, judge, seed)),
              ("latent", lambda: task_latent_structure(models, anomaly[LATENT_ANOMALY, ANOMALY_DIGIT], data, seed,
                                                       args.quick, out_dir if first else None))]
@@ -214,7 +215,7 @@ def task_baselines(data, seed, device):
     return m
 
 
-def task_anomaly(anomaly, data, seed):
+def task_anomaly(anomaly, data, seed, quick=False):
     """Each anomaly model, trained without digit d, scores every test image; positives are the d's.
 
     The scores (tasks.anomaly_row, PROTOCOL.md 6.5): the summed BCE and the article's signed score
@@ -228,6 +229,7 @@ def task_anomaly(anomaly, data, seed):
     """
     y_test, refs = data["y_test"], tasks.anomaly_references(data["x_test"])
     m, curves, density = {}, {}, None
+    k = QUICK["iwae_k"] if quick else tasks.IWAE_K      # the VAEs' draws per image
     put = lambda metric, name, value: m.setdefault(metric, {}).update({name: value})
     for (latent, digit), models in anomaly.items():
         is_anomaly = y_test == digit
@@ -235,7 +237,7 @@ def task_anomaly(anomaly, data, seed):
         fit, val = (data["x_all"][mnist.drop_class(data[idx], data["y_all"], digit)] for idx in ("train_idx", "val_idx"))
         rows = {}
         for name, model in models.items():
-            rows[name], s = tasks.anomaly_row(model, data["x_test"], is_anomaly, seed, fit, val, refs)
+            rows[name], s = tasks.anomaly_row(model, data["x_test"], is_anomaly, seed, fit, val, refs, k)
             if headline:
                 curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, s["bce"])[:2], rows[name]["anomaly_auc"]),
                                 ("signed (article)", *tasks.roc_curve(is_anomaly, s["signed"])[:2],

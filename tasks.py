@@ -777,7 +777,7 @@ def per_image_bce(model, x):
     return batched(bce, x, device=device)
 
 
-def anomaly_scores(model, x):
+def anomaly_scores(model, x, k=IWAE_K):
     """{score: (N,)} per image, each oriented so that higher = more anomalous:
 
     bce        summed BCE of the reconstruction, -sum_j [x_j log x_hat_j + (1 - x_j) log(1 - x_hat_j)]
@@ -787,7 +787,7 @@ def anomaly_scores(model, x):
                KL(Bern(x_j) || Bern(x_hat_j)), and H(x) depends on the image alone, so this is the
                KL sum, >= 0 and 0 exactly when x_hat = x
     sse        sum_j (x_hat_j - x_j)^2, the error of an autoencoder with a Gaussian likelihood
-    The VAEs add their likelihood bounds (ae.Autoencoder.likelihood_bounds, IWAE_K draws each):
+    The VAEs add their likelihood bounds (ae.Autoencoder.likelihood_bounds, k draws each):
     neg_elbo, neg_iwae, and neg_elbo_excess = neg_elbo - H(x).
     """
     device = _device_of(model)
@@ -804,7 +804,7 @@ def anomaly_scores(model, x):
 
     scores = dict(zip(("bce", "signed", "bce_excess", "sse"), batched(per_image, x, device=device).T))
     if model.bottleneck.stochastic:   # a second pass: the first one's draws stay what they always were
-        bounds = batched(lambda b: torch.stack(model.likelihood_bounds(b, IWAE_K), 1), x, IWAE_BATCH, device)
+        bounds = batched(lambda b: torch.stack(model.likelihood_bounds(b, k), 1), x, IWAE_BATCH, device)
         scores["neg_elbo"], scores["neg_iwae"] = bounds[:, 0].astype(np.float64), bounds[:, 1].astype(np.float64)
         scores["neg_elbo_excess"] = scores["neg_elbo"] - entropy(x)
     return scores
@@ -887,16 +887,17 @@ def anomaly_metrics(is_anomaly, scores, ink=None):
     return row
 
 
-def anomaly_row(model, x, is_anomaly, seed, x_train=None, x_val=None, references=None):
+def anomaly_row(model, x, is_anomaly, seed, x_train=None, x_val=None, references=None, k=IWAE_K):
     """(metrics, scores) of one model on images x whose positives `is_anomaly` marks.
 
     A stochastic model draws from `seed`. With x_train and x_val (the model's own training and
     validation images), the code density `code_nll` too. references: anomaly_references(x), if
-    already computed. The summed BCE in bits less L(x) is Serra et al.'s complexity correction.
+    already computed; k: the VAEs' draws per image. The summed BCE in bits less L(x) is Serra et
+    al.'s complexity correction.
     """
     references = references if references is not None else anomaly_references(x)
     torch.manual_seed(seed)
-    scores = anomaly_scores(model, x)
+    scores = anomaly_scores(model, x, k)
     if x_train is not None:
         scores["code_nll"] = code_nll(model, x, x_train, x_val, seed)
     scores["bce_png"] = scores["bce"] / np.log(2) - references["png"]

@@ -2846,4 +2846,6 @@ def test_smoke_run_py_end_to_end_on_tiny_data(tmp_path):
                    "interpolation_confidence", "umap_trustworthiness"):
         assert set(m[metric]) >= {"vanilla", "pca"}, metric
     assert m["probe_accuracy"]["pixels"]["mean"] > 0 and "ink" in m["anomaly_auc"]
+    steps = ("reconstruction", "classification", "pixels", "baselines", "anomaly", "generation", "latent")
+    assert {f"task seed 42: {step}" for step in steps} <= set(results["stages_seconds"])   # each task's seconds
     assert (tmp_path / "out" / "mnist" / "REPORT.md").read_text().startswith("# Autoencoder Bake-Off: mnist")

@@ -1,7 +1,7 @@
 """Benchmarks of the Autoencoder Bake-Off (not tests: they time things and print the numbers).
 
 Run:
-    python -m harness.bench [--data-dir DIR] [--only train|jobs|umap|gmm|probe|all] [--device cpu]
+    python -m harness.bench [--data-dir DIR] [--only train|jobs|umap|gmm|probe|quick|all] [--device cpu]
 
 The data is run.py's: data/mnist, downloaded there if missing (--data-dir for local files).
 
@@ -42,6 +42,9 @@ probe: the converged probe (tasks.linear_probe, as run.py calls it) on the 1,024
   pixel (128 features, where the old dense-Hessian solver still runs) with 100 labels (fewer images
   than features) and with the 550, the fast solver against the old one: both test accuracies
   (target: within 0.001), both times, and the largest difference of a test probability.
+quick: `python run.py --quick` end to end in a fresh output folder (nothing reused), its wall time
+  against the target (QUICK_TARGET_S) and the seconds of training and of every task, as its
+  results.json records them.
 
 Simplified: one timed run per measurement (median of three epochs), no warm-up beyond that;
 on a busy machine the numbers are noisy, so check the load (uptime) first.
@@ -554,9 +557,32 @@ def _old_newton(x, y, lam, w0):
     return w
 
 
+# ---- quick
+
+QUICK_TARGET_S = 60       # the first command a newcomer runs: a first look in under a minute
+
+
+def bench_quick(args, device=None):
+    argv = ["--data-dir", args.data_dir or os.path.join("data", "mnist")] + ["--no-download"] * args.no_download
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as out:
+        print(f"python run.py --quick, fresh output folder; load average {os.getloadavg()[0]:.2f}")
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, "run.py", "--quick", "--out", out, *argv], cwd=root,
+                              capture_output=True, text=True)
+        wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise SystemExit(f"bench.py: error: run.py --quick failed:\n{done.stderr[-2000:]}")
+        with open(os.path.join(out, "mnist", "results.json")) as f:
+            stages = json.load(f)["stages_seconds"]
+    print(f"wall time {wall:.1f} s (target < {QUICK_TARGET_S} s: {_umap_ok(wall < QUICK_TARGET_S)})")
+    for stage, seconds in stages.items():
+        print(f"  {stage}: {seconds:.1f} s")
+
+
 # ---- main
 
-SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap, "gmm": bench_gmm,
+SECTIONS = {"train": bench_train, "jobs": bench_jobs, "umap": bench_umap, "gmm": bench_gmm, "quick": bench_quick,
             "probe": bench_probe}
 
 

@@ -21,8 +21,9 @@ SAMPLERS = {"": "own prior",    # metric-key suffix -> name; "" keeps the keys o
             "_gmm_prequant": "mixture before the quantiser (vq)"}
 N_SHOWN = 16                    # images per reconstruction row and per sample grid
 JUDGE_EPOCHS = 5
-QUICK = {"epochs": 3, "n_train": 8000, "map_points": 2000, "umap_epochs": 100,
-         "judge_epochs": 1, "budget_draws": 1}
+# --quick, a first look in under a minute: a few thousand images and the cheapest settings
+QUICK = {"epochs": 3, "n_train": 8000, "n_val": 2000, "n_test": 2000, "map_points": 2000, "umap_epochs": 100,
+         "judge_epochs": 1, "budget_draws": 1, "iwae_k": 16}
 # The tasks run on one torch thread: their small steps (the article's probe trains on batches of
 # 32) gain little from a second one, and where anything else runs, threads that wait for each
 # other at every operation make torch crawl (a busy 2-core machine: 10x). Trainings: workers.plan_jobs.

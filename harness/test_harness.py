@@ -417,7 +417,7 @@ def test_main_wiring_of_the_recipe_with_the_tasks_stubbed(tiny_data, tmp_path, m
     assert (cfg["n_train"], cfg["n_val"], cfg["n_test"], cfg["probe_labels"]) == (540, 60, 200, 540)
     assert results["environment"]["jobs"] == 1 and results["environment"]["git_commit"] is not None
     stages = results["stages_seconds"]
-    assert set(stages) == {"data", "training", "tasks", "total"}
+    assert set(stages) == {"data", "training", "tasks", "total", "task judge (the digit classifier that scores samples)"}
     assert 0 <= stages["data"] and 0 < stages["training"] and 0 <= stages["tasks"]
     assert stages["data"] + stages["training"] + stages["tasks"] <= stages["total"] <= time.time() - before
     records = results["trainings"]
@@ -1405,7 +1405,7 @@ class _Wire:
         truth = self.labels_of(ids)
         return np.where(np.arange(len(ids)) < right, truth, (truth + 1) % 10)
 
-    def anomaly_scores(self, model, x):
+    def anomaly_scores(self, model, x, k=tasks.IWAE_K):
         token = self._log("anomaly_scores", model=model, ids=self.ids(x))
         return {"bce": np.full(len(x), token), "signed": np.full(len(x), -token)}   # two of the scores
 
@@ -1763,7 +1763,7 @@ def test_wiring_gauntlet_gives_each_task_its_seed_and_models(wiring, monkeypatch
         assert call("classification") == ((latent20, "data", seed, True), {})
         assert call("pixel_references") == (("data", seed, True, device), {})
         assert call("baselines") == (("data", seed, device), {})
-        assert call("anomaly") == ((anomaly, "data", seed), {})
+        assert call("anomaly") == ((anomaly, "data", seed, True), {})          # --quick: its fewer draws
         assert call("generation") == ((latent20, "data", "judge", seed), {})
         assert call("latent_structure") == ((latent20, anomaly[protocol.LATENT_ANOMALY, protocol.ANOMALY_DIGIT], "data",
                                              seed, True, "out" if first else None), {})
@@ -2941,3 +2941,21 @@ def test_tracked_markdown_never_tells_how_or_by_whom_it_was_made():
     found = [(path, word) for path in tracked for word in PROCESS_WORDS
              if re.search(r"\b" + word + r"\b", (root / path).read_text().lower())]
     assert found == []
+
+
+def test_quick_keeps_only_the_images_it_uses_in_the_protocols_split(tiny_data, monkeypatch):
+    # --quick: the first n_train training and n_val validation images of the full split, the
+    # first n_test test images, and nothing else in memory for a task to encode
+    full_args, full = _tiny_run_data(tiny_data)
+    monkeypatch.setitem(protocol.QUICK, "n_train", 100)
+    monkeypatch.setitem(protocol.QUICK, "n_val", 20)
+    monkeypatch.setitem(protocol.QUICK, "n_test", 50)
+    _, quick = _tiny_run_data(tiny_data, "--quick")
+    used = np.r_[full["train_idx"][:100], full["val_idx"][:20]]
+    np.testing.assert_array_equal(quick["x_all"], full["x_all"][used])
+    np.testing.assert_array_equal(quick["y_all"], full["y_all"][used])
+    assert quick["train_idx"].tolist() == list(range(100)) and quick["val_idx"].tolist() == list(range(100, 120))
+    np.testing.assert_array_equal(quick["x_test"], full["x_test"][:50])
+    np.testing.assert_array_equal(quick["y_test"], full["y_test"][:50])
+    np.testing.assert_array_equal(quick["x_all"][quick["probe_idx"]], full["x_all"][full["probe_idx"]][:100])
+    assert quick["fingerprint"] == full["fingerprint"]          # the same data set, whatever the run uses of it

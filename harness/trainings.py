@@ -47,9 +47,14 @@ def load_data(args):
     x_all, x_test = mnist.to_vectors(train_images), mnist.to_vectors(test_images)
     n_val = min(mnist.N_VAL, len(x_all) // 10)       # tiny test data sets keep a tenth for val
     train_idx, val_idx = mnist.split_indices(split_permutation(len(x_all)), n_val=n_val)
-    if args.quick:
-        train_idx = train_idx[:QUICK["n_train"]]
-    return {"x_all": x_all, "y_all": train_labels.astype(np.int64), "train_idx": train_idx,
+    y_all = train_labels.astype(np.int64)
+    if args.quick:     # a first look: fewer training and test images, the same split; only the
+        # images the run uses are kept, so that no task encodes the other 50,000 training images
+        train_idx, val_idx = train_idx[:QUICK["n_train"]], val_idx[:QUICK["n_val"]]
+        x_all, y_all = x_all[np.r_[train_idx, val_idx]], y_all[np.r_[train_idx, val_idx]]
+        train_idx, val_idx = np.arange(len(train_idx)), np.arange(len(train_idx), len(x_all))
+        x_test, test_labels = x_test[:QUICK["n_test"]], test_labels[:QUICK["n_test"]]
+    return {"x_all": x_all, "y_all": y_all, "train_idx": train_idx,
             "val_idx": val_idx, "probe_idx": mnist.probe_indices(train_idx, min(N_PROBE, len(train_idx))),
             "x_test": x_test, "y_test": test_labels.astype(np.int64),
             "fingerprint": hashlib.md5(train_images.tobytes()[:1 << 20]

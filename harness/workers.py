@@ -66,6 +66,7 @@ class StatusLine:
     def __init__(self):
         self.shown = 0              # length of the line now open on the terminal (0: none)
         self.task = ""              # the task under way (step), for Announced
+        self.seconds = {}           # {task: seconds} of every step finished (results.json keeps them)
 
     def show(self, text, tail="", log=True):
         width = min(LINE_WIDTH, shutil.get_terminal_size().columns) - 1   # the last column wraps
@@ -91,7 +92,8 @@ class StatusLine:
         start, self.task = time.time(), task
         self.show(f"{task} ...")
         yield
-        self.show(f"{task} ({time.time() - start:.0f} s)")
+        self.seconds[task] = time.time() - start
+        self.show(f"{task} ({self.seconds[task]:.0f} s)")
         self.end()
 
 
