@@ -2939,8 +2939,12 @@ def test_tracked_markdown_never_tells_how_or_by_whom_it_was_made():
     assert tracked, "git lists no Markdown file"
     import re
     found = [(path, word) for path in tracked for word in PROCESS_WORDS
-             if re.search(r"\b" + word + r"\b", (root / path).read_text().lower())]
+             if re.search(r"\b" + word, (root / path).read_text().lower())]   # plurals too
     assert found == []
+    # commit hashes only where code writes them (results.json, REPORT.md's header)
+    hashes = [(path, h) for path in tracked if not path.endswith("REPORT.md")
+              for h in re.findall(r"\b(?=[0-9a-f]*[a-f])(?=[0-9a-f]*[0-9])[0-9a-f]{7,40}\b", (root / path).read_text())]
+    assert hashes == []
 
 
 def test_quick_keeps_only_the_images_it_uses_in_the_protocols_split(tiny_data, monkeypatch):
