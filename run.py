@@ -238,7 +238,9 @@ def task_anomaly(anomaly, data, seed, quick=False):
         rows = {}
         for name, model in models.items():
             rows[name], s = tasks.anomaly_row(model, data["x_test"], is_anomaly, seed, fit, val, refs, k)
-            if headline:
+            if headline:       # the summed BCE in bits, for the report's word on L(x)
+                put("anomaly_bce_bits_mean", name, float(s["bce"].mean() / np.log(2)))
+                put("anomaly_bce_bits_std", name, float(s["bce"].std() / np.log(2)))
                 curves[name] = [("summed BCE", *tasks.roc_curve(is_anomaly, s["bce"])[:2], rows[name]["anomaly_auc"]),
                                 ("signed (article)", *tasks.roc_curve(is_anomaly, s["signed"])[:2],
                                  rows[name]["anomaly_auc_signed_score"])]
@@ -247,6 +249,9 @@ def task_anomaly(anomaly, data, seed, quick=False):
             rows[reference] = tasks.anomaly_metrics(is_anomaly, {"bce": refs[reference]}, -refs["ink"])
         if headline:
             curves["ink"] = [("low ink", *tasks.roc_curve(is_anomaly, refs["ink"])[:2], rows["ink"]["anomaly_auc"])]
+            for reference, bits in (("entropy", refs["entropy"] / np.log(2)), ("png", refs["png"])):
+                put("anomaly_bce_bits_mean", reference, float(bits.mean()))
+                put("anomaly_bce_bits_std", reference, float(bits.std()))
             shown = next((n for n in models if models[n].bottleneck.stochastic), next(iter(models), None))
             if shown is not None:
                 density = _density_picture(models[shown], shown, fit, val, data["x_test"], is_anomaly, seed)

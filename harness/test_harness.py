@@ -1081,6 +1081,8 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
     # every score: the compact table (shallow's BCE - H(x) over the three digits), the per-score
     # heatmaps, the code density's picture, and the audit's rows about the scores all ran
     assert "### Every anomaly score" in text and (out / "anomaly_scores.png").exists()
+    assert "Why the complexity correction" in text and f"{m['anomaly_bce_bits_mean']['png']['mean']:.0f} bits" in text
+    assert m["anomaly_bce_bits_mean"]["png"]["mean"] > 8 * 67        # a PNG file: at least its header
     assert (out / "anomaly_code_density.png").exists() and "anomaly_code_density.png" in text
     excess = np.mean([m[f"anomaly_auc_bce_excess_digit_{d}"]["shallow"]["mean"] for d in (0, 1, 3)])
     assert f"{excess:.3f}" in text
