@@ -2938,6 +2938,8 @@ PROCESS_WORDS = ("session", "lent", "closing note", "we had", "we used", "no gpu
 def test_tracked_markdown_never_tells_how_or_by_whom_it_was_made():
     root = pathlib.Path(run.__file__).parent
     tracked = subprocess.run(["git", "ls-files", "*.md"], cwd=root, capture_output=True, text=True).stdout.split()
+    if not tracked and not (root / ".git").exists():
+        pytest.skip("not a git checkout (a copy, e.g. mutmut's): no list of tracked files")
     assert tracked, "git lists no Markdown file"
     import re
     found = [(path, word) for path in tracked for word in PROCESS_WORDS
