@@ -845,7 +845,11 @@ def code_nll(model, x, x_train, x_val, seed):
     quantiser. The mixture is the samplers' (choose_gmm): fitted on the codes of x_train, its size
     K chosen on those of x_val; for an anomaly model neither holds the held-out class.
     """
-    gmm, codes = code_density(model, x_train, x_val, seed)
+    try:
+        gmm, codes = code_density(model, x_train, x_val, seed)
+    except ValueError as err:     # e.g. every unit dead (shallow's ReLU code): one code for all
+        warnings.warn(f"{model.name}: no code density ({err}); every image scores the same", RuntimeWarning, stacklevel=2)
+        return np.zeros(len(x))
     return -gmm_log_density(gmm, codes(x))
 
 

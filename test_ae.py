@@ -1866,6 +1866,17 @@ def test_png_length_of_a_blank_image_is_below_a_noisy_one_and_the_file_decodes_t
     assert bits[1] == 8 * len(tasks.png_file(pixels))
 
 
+def test_code_density_of_constant_codes_warns_and_scores_every_image_alike():
+    # every code unit dead (a shallow model's ReLU at latent 2 can do this): no density to fit
+    x = np.random.default_rng(0).random((50, 1024)).astype(np.float32)
+    model = _Given(np.zeros((50, 1024)))
+    model.name = "dead"
+    model.encode = lambda images, sample=True: torch.zeros(len(images), 2)
+    with pytest.warns(RuntimeWarning, match="no code density"):
+        nll = tasks.code_nll(model, x, x[:40], x[40:], seed=0)
+    np.testing.assert_array_equal(nll, np.zeros(50))
+
+
 def test_code_density_scores_a_code_far_from_the_training_codes_higher():
     rng = np.random.default_rng(0)
     x_train, x_val = rng.normal(0.5, 0.02, (400, 1024)), rng.normal(0.5, 0.02, (100, 1024))
