@@ -2931,8 +2931,9 @@ def test_readme_verdict_tables_are_the_committed_reports():
 
 # ---- the documents speak of the software only
 
-PROCESS_WORDS = ("session", "lent", "closing note", "we had", "we used", "no gpu was", "our machines",
-                 "an earlier", "by hand since")
+# regular expressions, each with one letter in brackets so that this file does not match itself
+PROCESS_WORDS = ("s[e]ssion", "l[e]nt", "c[l]osing note", "we h[a]d", "we u[s]ed", "no g[p]u was", "our m[a]chines",
+                 "an e[a]rlier", "by hand s[i]nce")
 
 
 def test_tracked_markdown_never_tells_how_or_by_whom_it_was_made():
