@@ -550,7 +550,7 @@ def fit(model, train_x, val_x, epochs=60, batch_size=256, lr=1e-3, seed=42, devi
     leaves the model in eval mode. A loss that is not finite stops it with a FloatingPointError.
     """
     device, train_x, val_x = _checked_inputs(model, train_x, val_x, epochs, batch_size, device)
-    progress = _progress_callback(progress, model.name)
+    progress = functools.partial(print_progress, name=model.name) if progress is True else progress
     if hasattr(model, "fit_closed_form"):  # pca: one eigendecomposition instead of the loop
         return _fit_closed_form(model, train_x, val_x, batch_size, device, progress)
     n = len(train_x) - (len(train_x) % batch_size == 1)  # BatchNorm cannot train on a batch of one
@@ -659,18 +659,11 @@ def _as_pixels(x, what, input_dim, device):
     return x.to(device)
 
 
-def _progress_callback(progress, name):
-    """fit's `progress` argument as a function of the epoch report, or None for silence."""
-    if progress is True:
-        return functools.partial(print_progress, name=name)
-    return progress if callable(progress) else None
-
-
 def _end_epoch(history, progress, report):
     """Append the epoch's losses and stage to fit's history and show the report."""
     for key in ("train_loss", "val_loss", "stage"):
         history[key].append(report[key])
-    if progress:
+    if callable(progress):      # False or None: silent
         progress(report)
 
 

@@ -129,7 +129,7 @@ def task_reconstruction(models, data, seed):
         ae.set_seed(seed)       # the VAEs sample in evaluation too, as in the companion code
         bce[name] = float(tasks.per_image_bce(model, data["x_test"]).mean())
         ae.set_seed(seed)
-        shown[name] = tasks.reconstruct(model, data["x_test"][:N_SHOWN])
+        shown[name] = tasks.batched(model, data["x_test"][:N_SHOWN])
     return {"reconstruction_bce": bce}, shown
 
 
@@ -143,7 +143,7 @@ def task_classification(models, data, seed, quick):
     for name, model in models.items():
         z_all, z_test = _codes(model, data, seed, sample=True)
         ae.set_seed(seed)
-        net = tasks.FrozenEncoderProbe(model).to(_device(model))
+        net = tasks.FrozenEncoderProbe(model).to(next(model.parameters()).device)
         scores, curves[name] = _classify(z_all, z_test, net, data, seed, quick)
         if model.bottleneck.stochastic:         # the VAEs: their mean code too
             mu_all, mu_test = _codes(model, data, seed, sample=False)
@@ -254,26 +254,13 @@ def task_anomaly(anomaly, data, seed, quick=False):
                 put("anomaly_bce_bits_std", reference, float(bits.std()))
             shown = next((n for n in models if models[n].bottleneck.stochastic), next(iter(models), None))
             if shown is not None:
-                density = _density_picture(models[shown], shown, fit, val, data["x_test"], is_anomaly, seed)
+                density = figures.code_density_picture(models[shown], shown, fit, val, data["x_test"], is_anomaly, seed)
         for name, row in rows.items():
             for metric, value in row.items():
                 put(metric + anomaly_suffix(latent, digit), name, value)
                 if headline:
                     put(metric, name, value)
     return m, {"roc": curves, "density": density}
-
-
-def _density_picture(model, name, fit, val, x_test, is_anomaly, seed, n_grid=100):
-    """code_nll's picture: log p(z) of its mixture on a grid over the training codes, with the test
-    codes of the held-out digit and of the other digits on top; None unless the code is 2-d."""
-    gmm, codes = tasks.code_density(model, fit, val, seed)
-    z_fit, z_test = codes(fit), codes(x_test)
-    if z_fit.shape[1] != 2:
-        return None                 # only a 2-d code space can be drawn as it is
-    lo, hi = np.percentile(z_fit, 0.5, axis=0), np.percentile(z_fit, 99.5, axis=0)
-    gx, gy = np.meshgrid(*(np.linspace(a - 0.1 * (b - a), b + 0.1 * (b - a), n_grid) for a, b in zip(lo, hi)))
-    log_p = tasks.gmm_log_density(gmm, np.c_[gx.ravel(), gy.ravel()]).reshape(n_grid, n_grid)
-    return {"model": name, "grid": (gx, gy, log_p), "anomalies": z_test[is_anomaly], "normal": z_test[~is_anomaly]}
 
 
 def task_generation(models, data, judge, seed):
@@ -362,10 +349,6 @@ def _budget_draw(data, per_class, seed):
     """A stratified draw of per_class labelled images per class from the training split."""
     train_idx = data["train_idx"]
     return train_idx[tasks.label_budget_indices(data["y_all"][train_idx], per_class, seed)]
-
-
-def _device(module):
-    return next(module.parameters()).device
 
 
 if __name__ == "__main__":

@@ -7,15 +7,10 @@ run.py calls them in order; nothing here touches files (harness/figures.py draws
     roc_auc(labels, scores)                      # exact AUROC, ties count 1/2
     linear_probe(z_tr, y_tr, z_va, y_va, z_te, y_te)   # test accuracy of a converged probe
 
-Sections:
-    metrics        ROC curve, AUROC, average precision, ink and rank correlation, k-NN accuracy,
-                   Frechet distance (NumPy)
-    probes         converged multinomial logistic regression (NumPy Newton-CG), the article's
-                   probe (a linear layer trained with Adam, torch), label budgets
-    samplers       a Gaussian mixture fitted by EM (NumPy), K chosen on validation codes; the
-                   vq-VAE's learned categorical prior
-    model tasks    reconstruction error, anomaly scores, interpolation, samples under every
-                   sampler a model has, dead latent units, samples as numbers
+Sections: metrics (ROC, AUROC, average precision, rank correlation, k-NN, Frechet distance);
+probes (a converged logistic regression by Newton-CG, the article's Adam-trained probe); samplers
+(a Gaussian mixture by EM, the vq-VAE's categorical prior); model tasks (reconstruction error,
+anomaly scores, interpolation, samples under every sampler, dead units, samples as numbers).
 
 References: Fawcett (2006) "An introduction to ROC analysis" for the curve and the tie rule;
 Heusel et al. (2017) for the Frechet distance; Dempster, Laird & Rubin (1977) and Bishop (2006,
@@ -55,14 +50,13 @@ CONFIDENT = 0.9              # "legible": the judge classifier is at least this 
 GMM_K_GRID = (1, 2, 5, 10, 20)
 GMM_STARTS = 1               # k-means++ starts per K (the best training fit is kept); each costs a fit
 GMM_MAX_ITER = 100           # EM meets GMM_TOL in 20 to 30 iterations here; this stops pathologies
-# Stop when the mean log-likelihood per point gains less than this (nats) in one iteration. On
-# harness/bench.py gmm's codes, 120 more iterations would add only 0.14 (K = 10) and 0.21 (K = 20) nats,
+# Stop when the mean log-likelihood per point gains less than this (nats) in one iteration: on
+# harness/bench.py gmm's codes, 120 more iterations add only 0.14 (K = 10) and 0.21 (K = 20) nats,
 # well below the 1.3 to 2.5 nats between neighbouring sizes of GMM_K_GRID, which is the choice.
 GMM_TOL = 1e-2
-# Added to every covariance's diagonal, times the codes' mean variance (so it is scale-free): a
-# component that collapses onto a few points, or a dimension that never moves (a dead sparse
-# unit, a vq dimension that uses one codebook value), would otherwise have a singular
-# covariance and an infinite density. 1e-6 of the spread is far below any real variance.
+# Added to every covariance's diagonal, times the codes' mean variance (scale-free): a component
+# on a few points, or a dimension that never moves (a dead unit, a vq dimension with one codebook
+# value), would otherwise have a singular covariance. 1e-6 of the spread is below any real variance.
 GMM_RIDGE = 1e-6
 IWAE_K = 128                 # draws per image for the VAEs' likelihood bounds (Burda et al.'s k)
 IWAE_BATCH = 64              # images per pass of those bounds: 128 x 64 decoded images at a time
@@ -102,18 +96,10 @@ def _counts_by_threshold(labels, scores):
 
 
 def roc_curve(labels, scores):
-    """ROC curve of a score where higher means "more likely positive".
+    """ROC curve of scores (n,) where higher means "more likely positive" (labels (n,), True = positive).
 
-    Parameters
-    ----------
-    labels : (n,) bool or 0/1, True = positive (anomaly)
-    scores : (n,) float
-
-    Returns
-    -------
-    fpr, tpr : (m + 1,) float, starting at (0, 0) and ending at (1, 1)
-    thresholds : (m + 1,) float, decreasing; thresholds[0] = +inf (nothing flagged)
-    With one class only, the undefined rate is NaN and a RuntimeWarning is issued.
+    Returns fpr, tpr, thresholds, each (m + 1,): from (0, 0) at threshold +inf (nothing flagged) to
+    (1, 1), thresholds decreasing. With one class only, its rate is NaN, with a RuntimeWarning.
     """
     labels, scores = _check_binary(labels, scores)
     tps, fps, thresholds = _counts_by_threshold(labels, scores)
@@ -130,14 +116,8 @@ def roc_curve(labels, scores):
 def roc_auc(labels, scores):
     """Area under the ROC curve: P(score of a random positive > random negative), ties as 1/2.
 
-    Parameters
-    ----------
-    labels : (n,) bool or 0/1, True = positive
-    scores : (n,) float, higher = more anomalous
-
-    Returns
-    -------
-    float; NaN (with a RuntimeWarning) when only one class is present.
+    labels (n,) bool or 0/1, True = positive; scores (n,), higher = more anomalous. NaN, with a
+    RuntimeWarning, when only one class is present.
     """
     labels, scores = _check_binary(labels, scores)
     n_pos = int(labels.sum())
@@ -154,15 +134,7 @@ def average_precision(labels, scores):
     """Area under the precision-recall curve as a step sum (AUPRC).
 
     AP = sum_k (R_k - R_{k-1}) * P_k over the distinct thresholds; tied scores form one step.
-
-    Parameters
-    ----------
-    labels : (n,) bool or 0/1, True = positive
-    scores : (n,) float
-
-    Returns
-    -------
-    float; NaN (with a RuntimeWarning) when there is no positive.
+    Arguments as roc_auc's; NaN, with a RuntimeWarning, when there is no positive.
     """
     labels, scores = _check_binary(labels, scores)
     tps, fps, _ = _counts_by_threshold(labels, scores)
@@ -219,17 +191,9 @@ def _average_ranks(x):
 # ---- metrics: nearest neighbours and Frechet distance
 
 def knn_predict(z_ref, y_ref, z_query, k=10, exclude_self=False, block=1024):
-    """Majority vote of the k nearest reference points (Euclidean), computed in blocks.
-
-    Parameters
-    ----------
-    z_ref : (m, d) float, y_ref : (m,) int in [0, 10)
-    z_query : (n, d) float
-    exclude_self : bool, the query set *is* the reference set (leave-one-out)
-
-    Returns
-    -------
-    (n,) int predicted labels; a tied vote goes to the tied class of the nearest neighbour.
+    """Labels (n,) of z_query (n, d): the majority vote of the k nearest rows of z_ref (m, d), whose
+    labels are y_ref (m,), by Euclidean distance, in blocks of queries. A tied vote goes to the tied
+    class of the nearest neighbour. exclude_self: the query set *is* the reference set (leave-one-out).
     """
     z_ref, z_query = np.asarray(z_ref, np.float64), np.asarray(z_query, np.float64)
     if len(z_ref) <= k:
@@ -261,11 +225,7 @@ def frechet_distance(f1, f2):
     FD = |mu1 - mu2|^2 + tr(C1 + C2 - 2 (C1^(1/2) C2 C1^(1/2))^(1/2))
 
     The symmetric form C1^(1/2) C2 C1^(1/2) has the same trace of square root as (C1 C2)^(1/2)
-    and is symmetric, so eigh gives its square root stably, with no SciPy.
-
-    Parameters
-    ----------
-    f1 : (n1, d) float, f2 : (n2, d) float, n1, n2 >= 2
+    and is symmetric, so eigh gives its square root stably, with no SciPy. f1 (n1, d), f2 (n2, d).
     """
     f1, f2 = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
     if min(len(f1), len(f2)) < 2 or f1.shape[1] != f2.shape[1]:
@@ -288,18 +248,9 @@ def _sqrtm_psd(c):
 def linear_probe(z_train, y_train, z_val, y_val, z_test, y_test, l2_grid=L2_GRID):
     """Test accuracy of a multinomial logistic regression on frozen features, trained to convergence.
 
-    Features are standardised with the training set's mean and std; the L2 strength is the one in
-    `l2_grid` with the best validation accuracy (ties go to the stronger penalty).
-
-    Parameters
-    ----------
-    z_train : (n, d), y_train : (n,) int in [0, 10)
-    z_val : (m, d), y_val : (m,)
-    z_test : (t, d), y_test : (t,)
-
-    Returns
-    -------
-    float, accuracy on the test set
+    Features (n, d), labels (n,) int in [0, 10). Features are standardised with the training set's
+    mean and std; the L2 strength is the one in `l2_grid` with the best validation accuracy (ties
+    go to the stronger penalty). Returns the accuracy on the test set.
     """
     return fit_probe(z_train, y_train, z_val, y_val, l2_grid)(z_test, y_test)
 
@@ -313,16 +264,11 @@ def fit_probe(z_train, y_train, z_val, y_val, l2_grid=L2_GRID):
 def _probe_weights(z_train, y_train, z_val, y_val, l2_grid):
     """(design, W) of the chosen probe: its logits on codes z are design(z) @ W, W (d + 1, K).
 
-    Solved in the span of the training codes, exactly. With X the (n, d) standardised training
-    codes and V a (d, r) orthonormal basis of its rows (thin SVD X = U S V^T, r = rank X <=
-    min(n, d)), split any weights W = V B + W_perp with V^T W_perp = 0. Then X W = X V B: the
-    cross-entropy sees B only, while ||W||^2 = ||B||^2 + ||W_perp||^2, so the penalised optimum
-    has W_perp = 0 and B solves the same problem (same lambda, same bias) on the r features X V.
-    Its gradient is dL/dW = V dL/dB (X^T has no part outside span V), which `_newton_logistic`
-    tests against NEWTON_TOL, as on the d features. Validation and test codes meet W = V B in the
-    d features (their part outside span V meets W_perp = 0). On 550 labelled 1,024-pixel images
-    this turns 10,250 weights into 5,500; when X has full column rank it is a rotation, which
-    decorrelates the features for the diagonal preconditioner of `_newton_logistic`.
+    Solved exactly in the span of the training codes. With X the (n, d) standardised training
+    codes and V a (d, r) orthonormal basis of its rows, split W = V B + W_perp, V^T W_perp = 0.
+    X W = X V B, while ||W||^2 = ||B||^2 + ||W_perp||^2: the penalised optimum has W_perp = 0, and
+    B solves the same problem on the r features X V (dL/dW = V dL/dB is what is tested against
+    NEWTON_TOL). On 550 labelled 1,024-pixel images this turns 10,250 weights into 5,500.
     """
     z_train = _finite_2d(z_train, "z_train")
     mean, std = z_train.mean(0), z_train.std(0)
@@ -382,25 +328,18 @@ def _penalty(d, lam):
 def _newton_logistic(x, y, lam, w0, basis=None):
     """Minimise `logistic_objective` by Newton's method with a backtracking line search.
 
-    Each step s solves H s = g (gradient g, Hessian H at w) by conjugate gradients on products
-    H v (`_hessian_times`), never forming H: building and factoring the (d K, d K) Hessian grows
-    with (d K)^3 (1,481 s for one fit on 1,024 pixels), a product costs two (n, d) x (d, K) matrix
-    products. CG stops at |H s - g| <= eta |g|, eta = min(CG_FORCING, sqrt |g|): loose far from
-    the optimum, near-exact close to it, so Newton still converges superlinearly (line-search
-    Newton-CG, Nocedal & Wright, Numerical Optimization, alg. 7.1). A CG iterate from 0 satisfies
-    g.s = s^T H s > 0, a descent direction, so the line search and the stopping rule
-    (max |gradient| < NEWTON_TOL) are those of exact Newton, and so is the optimum reached.
+    Each step s solves H s = g by conjugate gradients on products H v (`_hessian_times`), never
+    forming the (d K, d K) Hessian (1,481 s for one fit on 1,024 pixels). CG stops at |H s - g| <=
+    eta |g|, eta = min(CG_FORCING, sqrt |g|): loose far from the optimum, near-exact close to it,
+    so Newton still converges superlinearly (line-search Newton-CG, Nocedal & Wright, alg. 7.1).
 
-    Everything stays in the sum-zero subspace S = {W : W 1 = 0} (each row sums to 0 over the
-    classes). The cross-entropy ignores a shift W + u 1^T, the penalty does not, so the optimum
-    is in S; on S the gradient is in S (g 1 = X^T (P - Y) 1 / n + pen W 1 = 0, rows of P - Y sum
-    to 0), and so is H v (`_hessian_times`: the row sums of p_i (a_i - p_i.a_i) are 0). The
-    preconditioned residual is projected back on S: otherwise CG would wander into the shift
-    directions, where H is only lam (or BIAS_RIDGE) and converges slowest. w0 is projected on S
-    first, which keeps X w and only lowers the penalty.
+    Everything stays in the sum-zero subspace S = {W : W 1 = 0}: the cross-entropy ignores a
+    shift W + u 1^T and the penalty does not, so the optimum is in S, and so are the gradient and
+    H v there. The preconditioned residual is projected back on S, or CG would wander into the
+    shift directions, where H is only lam and converges slowest.
 
-    basis : (d0, d - 1) or None. With a basis, the feature rows of w are coordinates in it
-    (`_probe_weights`); the gradient of the d0 original weights is basis @ g, and that is tested.
+    basis : (d0, d - 1) or None: the feature rows of w are coordinates in it (`_probe_weights`),
+    and the gradient of the d0 original weights, basis @ g, is what is tested.
     """
     penalty = _penalty(x.shape[1], lam)
     sum_zero = lambda v: v - v.mean(1, keepdims=True)          # the orthogonal projection on S
@@ -465,14 +404,6 @@ def label_budget_indices(labels, per_class, seed):
     return np.sort(np.concatenate(picked))
 
 
-def _finite_2d(z, name):
-    z = np.asarray(z, dtype=np.float64)
-    if z.ndim != 2 or not np.isfinite(z).all():
-        raise ValueError(f"{name} must be a 2-D array of finite numbers, got shape {z.shape}"
-                         f"{'' if z.ndim != 2 else ' with NaN/inf values'}")
-    return z
-
-
 # ---- probes: the article's probe (a linear layer trained with Adam)
 
 class FrozenEncoderProbe(nn.Module):
@@ -507,6 +438,7 @@ def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=4
     gen = torch.Generator().manual_seed(seed)
     x_train, y_train = _tensor(x_train, device), torch.as_tensor(y_train, device=device).long()
     opt = torch.optim.Adam([p for p in net.parameters() if p.requires_grad], lr=lr)
+    accuracy = lambda x, y: float((batched(net, x).argmax(1) == np.asarray(y)).mean())   # leaves net in eval mode
     best_val, best_state, waited = -1.0, None, 0
     for _ in range(epochs):
         net.train()
@@ -515,7 +447,7 @@ def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=4
             loss = F.cross_entropy(net(x_train[idx.to(device)]), y_train[idx.to(device)])
             loss.backward()
             opt.step()
-        val_acc = _accuracy(net, x_val, y_val)
+        val_acc = accuracy(x_val, y_val)
         if val_acc > best_val:
             best_val, waited = val_acc, 0
             best_state = {k: v.clone() for k, v in net.state_dict().items()}
@@ -524,13 +456,7 @@ def train_classifier(net, x_train, y_train, x_val, y_val, x_test, y_test, seed=4
             if waited >= patience:
                 break
     net.load_state_dict(best_state)
-    return _accuracy(net, x_test, y_test)
-
-
-def _accuracy(net, x, y):
-    logits = batched(net, x)
-    net.train()
-    return float((logits.argmax(1) == np.asarray(y)).mean())
+    return accuracy(x_test, y_test)
 
 
 # ---- Gaussian mixture (EM)
@@ -541,14 +467,12 @@ def _accuracy(net, x, y):
 def fit_gmm(z, k, seed, starts=GMM_STARTS, ridge=GMM_RIDGE, max_iter=GMM_MAX_ITER, tol=GMM_TOL):
     """A K-component Gaussian mixture with full covariances fitted to z (n, d) by EM.
 
-    Each start picks its K initial means by k-means++ (NumPy generator seeded with `seed`) and
-    gives every component the data's covariance and weight 1/K; of the starts, the one with the
-    highest training log-likelihood is kept. "log_likelihood" holds the mean training
-    log-likelihood per point after each E step (EM never lowers it, float rounding aside; the
-    last entry belongs to the returned parameters). Raises ValueError for NaN or inf, fewer
-    points than components, or codes without any spread; warns when some dimensions are constant.
+    Each start takes K initial means by k-means++, the data's covariance and weights 1/K; the
+    start with the highest training log-likelihood is kept. "log_likelihood": the mean per point
+    after each E step (EM never lowers it). Raises ValueError for NaN or inf, fewer points than
+    components, or codes without any spread; warns when some dimensions are constant.
     """
-    z = _gmm_points(z, "codes")
+    z = _finite_2d(z, "codes")
     n, d = z.shape
     if not isinstance(k, (int, np.integer)) or not 1 <= k <= n:
         raise ValueError(f"a {k}-component mixture needs 1 <= K <= the number of points ({n}); "
@@ -650,7 +574,7 @@ def _kmeans_plus_plus(z, k, rng):
 
 def gmm_log_density(gmm, z):
     """log p(z_i) = log sum_k pi_k N(z_i | mu_k, S_k) for each row of z, (n,)."""
-    z = _gmm_points(z, "codes")
+    z = _finite_2d(z, "codes")
     if z.shape[1] != gmm["means"].shape[1]:
         raise ValueError(f"codes have {z.shape[1]} dimensions, the mixture {gmm['means'].shape[1]}; "
                          f"score codes of the model the mixture was fitted to")
@@ -675,7 +599,7 @@ def choose_gmm(z_train, z_val, seed, k_grid=GMM_K_GRID):
     Returns (gmm, {K: mean validation log-likelihood}); ties go to the smaller K. Only z_train
     fits and only z_val chooses: pass no test codes here.
     """
-    z_val = _gmm_points(z_val, "validation codes")
+    z_val = _finite_2d(z_val, "validation codes")
     best, scores = None, {}
     for k in sorted(k_grid):
         gmm = fit_gmm(z_train, k, seed)
@@ -685,7 +609,8 @@ def choose_gmm(z_train, z_val, seed, k_grid=GMM_K_GRID):
     return best, scores
 
 
-def _gmm_points(z, what):
+def _finite_2d(z, what):
+    """z as a float64 (points, dimensions) array; a ValueError for another shape, no rows, NaN or inf."""
     z = np.asarray(z, dtype=np.float64)
     if z.ndim != 2 or len(z) == 0:
         raise ValueError(f"{what} must be a 2-D array (points, dimensions), got shape {z.shape}")
@@ -719,51 +644,27 @@ def sample_categorical(freqs, codebook, n, seed):
 
 # ---- model tasks
 
-def batched(fn, x, batch_size=EVAL_BATCH, device=None):
-    """Apply a torch module or function to x in eval mode and no_grad; returns a NumPy array."""
-    if isinstance(fn, nn.Module):
-        device = next(fn.parameters()).device
-        fn.eval()
-    outs = []
+def batched(fn, x, batch_size=EVAL_BATCH, model=None):
+    """fn applied to x in batches under no_grad, as a NumPy array; `model` (default: fn itself, if a
+    module) is put in eval mode and gives the device."""
+    model = fn if model is None else model
+    model.eval()
+    device = next(model.parameters()).device
     with torch.no_grad():
-        for start in range(0, len(x), batch_size):
-            outs.append(fn(_tensor(x[start:start + batch_size], device)).cpu().numpy())
-    return np.concatenate(outs)
-
-
-def reconstruct(model, x):
-    """Reconstruction probabilities (N, 1024) of `x` by `model`, in eval mode."""
-    return batched(model, x)
+        return np.concatenate([fn(_tensor(x[i:i + batch_size], device)).cpu().numpy()
+                               for i in range(0, len(x), batch_size)])
 
 
 def encode(model, x, sample=True):
     """Latent codes (N, latent_dim) after the bottleneck (sampled or mean for the VAEs)."""
-    device = _device_of(model)
-    model.eval()
-    return batched(lambda b: model.encode(b, sample=sample), x, device=device)
-
-
-def encoder_outputs(model, x):
-    """The encoder's outputs h before the bottleneck, (N, H): the vq-VAE's pre-quantisation values."""
-    device = _device_of(model)
-    model.eval()
-    return batched(model.encoder, x, device=device)
-
-
-def vq_indices(model, x):
-    """The vq-VAE's codebook index per latent dimension of each image, (N, Z) int."""
-    device = _device_of(model)
-    model.eval()
-    return batched(lambda b: model.bottleneck.indices(model.encoder(b)), x, device=device)
+    return batched(lambda b: model.encode(b, sample=sample), x, model=model)
 
 
 def decode(model, z, through_bottleneck=False):
     """Decoded probabilities (N, 1024) of codes z; through_bottleneck: z are encoder outputs h
     and pass the bottleneck first (the vq-VAE's quantiser)."""
-    device = _device_of(model)
-    model.eval()
     step = (lambda b: model.decode(model.bottleneck(b))) if through_bottleneck else model.decode
-    return batched(step, z, device=device)
+    return batched(step, z, model=model)
 
 
 def per_image_bce(model, x):
@@ -771,10 +672,7 @@ def per_image_bce(model, x):
 
     BCE(x, x_hat) = -sum_j [x_j log x_hat_j + (1 - x_j) log(1 - x_hat_j)]
     """
-    device = _device_of(model)
-    model.eval()
-    bce = lambda b: F.binary_cross_entropy(model(b), b, reduction="none").sum(1)
-    return batched(bce, x, device=device)
+    return batched(lambda b: F.binary_cross_entropy(model(b), b, reduction="none").sum(1), x, model=model)
 
 
 def anomaly_scores(model, x, k=IWAE_K):
@@ -790,9 +688,6 @@ def anomaly_scores(model, x, k=IWAE_K):
     The VAEs add their likelihood bounds (ae.Autoencoder.likelihood_bounds, k draws each):
     neg_elbo, neg_iwae, and neg_elbo_excess = neg_elbo - H(x).
     """
-    device = _device_of(model)
-    model.eval()
-
     def per_image(b):   # one reconstruction serves every score (a VAE's would differ per forward)
         x_hat = model(b)
         p, q = x_hat.double(), b.double()
@@ -802,9 +697,9 @@ def anomaly_scores(model, x, k=IWAE_K):
         return torch.stack([F.binary_cross_entropy(x_hat, b, reduction="none").sum(1).double(),
                             (x_hat - b).sum(1).double(), kl.sum(1), ((p - q) ** 2).sum(1)], dim=1)
 
-    scores = dict(zip(("bce", "signed", "bce_excess", "sse"), batched(per_image, x, device=device).T))
+    scores = dict(zip(("bce", "signed", "bce_excess", "sse"), batched(per_image, x, model=model).T))
     if model.bottleneck.stochastic:   # a second pass: the first one's draws stay what they always were
-        bounds = batched(lambda b: torch.stack(model.likelihood_bounds(b, k), 1), x, IWAE_BATCH, device)
+        bounds = batched(lambda b: torch.stack(model.likelihood_bounds(b, k), 1), x, IWAE_BATCH, model)
         scores["neg_elbo"], scores["neg_iwae"] = bounds[:, 0].astype(np.float64), bounds[:, 1].astype(np.float64)
         scores["neg_elbo_excess"] = scores["neg_elbo"] - entropy(x)
     return scores
@@ -841,9 +736,8 @@ def png_file(image):
 def code_nll(model, x, x_train, x_val, seed):
     """-log p(z) of each image's code under a Gaussian mixture fitted to the training codes, (N,).
 
-    z is the encoder's mean (encode(sample=False)), or the vq-VAE's encoder output before the
-    quantiser. The mixture is the samplers' (choose_gmm): fitted on the codes of x_train, its size
-    K chosen on those of x_val; for an anomaly model neither holds the held-out class.
+    z: the encoder's mean, or the vq-VAE's encoder output before the quantiser. The samplers'
+    mixture (choose_gmm), fitted on the codes of x_train, K chosen on x_val's.
     """
     try:
         gmm, codes = code_density(model, x_train, x_val, seed)
@@ -856,7 +750,7 @@ def code_nll(model, x, x_train, x_val, seed):
 def code_density(model, x_train, x_val, seed):
     """(mixture, codes): code_nll's mixture, and the function that gives an image's code."""
     if hasattr(model.bottleneck, "codebook"):
-        codes = lambda images: encoder_outputs(model, images)
+        codes = lambda images: batched(model.encoder, images, model=model)   # before the quantiser
     else:
         codes = lambda images: encode(model, images, sample=False)
     gmm, _ = choose_gmm(codes(x_train), codes(x_val), seed)
@@ -894,10 +788,9 @@ def anomaly_metrics(is_anomaly, scores, ink=None):
 def anomaly_row(model, x, is_anomaly, seed, x_train=None, x_val=None, references=None, k=IWAE_K):
     """(metrics, scores) of one model on images x whose positives `is_anomaly` marks.
 
-    A stochastic model draws from `seed`. With x_train and x_val (the model's own training and
-    validation images), the code density `code_nll` too. references: anomaly_references(x), if
-    already computed; k: the VAEs' draws per image. The summed BCE in bits less L(x) is Serra et
-    al.'s complexity correction.
+    A stochastic model draws from `seed`; k: the VAEs' draws per image. With the model's own
+    training and validation images x_train and x_val, `code_nll` too. references:
+    anomaly_references(x), if computed already. bce_png is Serra et al.'s complexity correction.
     """
     references = references if references is not None else anomaly_references(x)
     torch.manual_seed(seed)
@@ -909,13 +802,11 @@ def anomaly_row(model, x, is_anomaly, seed, x_train=None, x_val=None, references
 
 
 def interpolate(model, x_a, x_b, steps=INTERP_STEPS, fixed_noise=False, seed=0):
-    """Decoded images along a straight line between two encoder outputs, (steps + 2, 1024).
-
-    The line runs through the pre-bottleneck outputs h (for the VAEs: mu and log_sigma), then
-    each point passes the bottleneck and the decoder, as in the companion code. `fixed_noise` draws
-    the VAE's eps once for the whole path (the article's suggested fix for the jitter).
+    """Decoded images along a straight line between two encoder outputs h (for the VAEs: mu and
+    log_sigma), each point through the bottleneck and the decoder as in the companion code, (steps
+    + 2, 1024). `fixed_noise` draws the VAE's eps once per path (the article's fix for the jitter).
     """
-    device = _device_of(model)
+    device = next(model.parameters()).device
     model.eval()
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -950,10 +841,10 @@ def draw_samples(model, x_all, train_idx, val_idx, n, seed):
     mixtures = {"_gmm": (encode(model, x_all, sample=True), False)}     # (N, Z)
     if hasattr(model.bottleneck, "codebook"):                           # the vq-VAE
         codebook = model.bottleneck.codebook.detach().cpu().numpy()     # (Z, 512)
-        indices = vq_indices(model, x_all)[train_idx]
+        indices = batched(lambda b: model.bottleneck.indices(model.encoder(b)), x_all, model=model)[train_idx]
         codes = sample_categorical(categorical_prior(indices, codebook.shape[1]), codebook, n, seed)
         samples["_categorical"] = decode(model, codes)                  # codes: (n, Z)
-        mixtures["_gmm_prequant"] = (encoder_outputs(model, x_all), True)   # before the quantiser
+        mixtures["_gmm_prequant"] = (batched(model.encoder, x_all, model=model), True)   # before the quantiser
     for suffix, (codes, through_bottleneck) in mixtures.items():
         try:
             gmm, _ = choose_gmm(codes[train_idx], codes[val_idx], seed)
@@ -978,8 +869,7 @@ def dead_units(z):
 def judge_images(judge, images):
     """Predicted-class probabilities (N, 10) and penultimate features of a trained classifier."""
     probs = torch.softmax(torch.as_tensor(batched(judge, images)), 1).numpy()
-    features = batched(judge.features, images)
-    return probs, features
+    return probs, batched(judge.features, images, model=judge)
 
 
 def sample_quality(probs, features, test_features):
@@ -1007,7 +897,3 @@ def path_quality(probs, start_class, end_class):
 
 def _tensor(x, device):
     return torch.as_tensor(np.asarray(x, dtype=np.float32), device=device)
-
-
-def _device_of(module):
-    return next(module.parameters()).device

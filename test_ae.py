@@ -1509,7 +1509,7 @@ def test_interpolation_ends_and_fixed_noise():
     model = ae.build("vanilla", 20).eval()
     frames = tasks.interpolate(model, x[0], x[1], steps=6)
     assert frames.shape == (8, 1024)
-    assert np.allclose(frames[[0, -1]], tasks.reconstruct(model, x), atol=1e-5)
+    assert np.allclose(frames[[0, -1]], tasks.batched(model, x), atol=1e-5)
     vae = ae.build("vae", 20).eval()
     a = tasks.interpolate(vae, x[0], x[0], steps=4, fixed_noise=True)    # same point, same noise
     b = tasks.interpolate(vae, x[0], x[0], steps=4, fixed_noise=False)   # same point, fresh noise
@@ -1934,7 +1934,7 @@ def _by_hand(what, model, x):
         return model(x).numpy()
 
 
-@pytest.mark.parametrize("what", ["per_image_bce", "encode", "reconstruct"])
+@pytest.mark.parametrize("what", ["per_image_bce", "encode", "batched"])
 def test_model_tasks_use_eval_mode_and_ignore_batch_composition(what):
     model = _build("denoising", 2)        # training mode: input noise and BatchNorm batch statistics
     _warm_batchnorm(model)
@@ -2190,7 +2190,7 @@ def test_pca_axes_codes_and_reconstruction_match_an_svd():
     z = tasks.encode(model, x)
     assert np.allclose(z, (xd - mean) @ axes.T, atol=1e-4)                      # z = V^T (x - m)
     want = np.clip(mean + (xd - mean) @ vt[:3].T @ vt[:3], ae.PCA_EPS, 1 - ae.PCA_EPS)
-    assert np.allclose(tasks.reconstruct(model, x), want, atol=1e-4)
+    assert np.allclose(tasks.batched(model, x), want, atol=1e-4)
     bce = -(xd * np.log(want) + (1 - xd) * np.log(1 - want)).sum(1)             # by hand, clipped
     assert np.allclose(tasks.per_image_bce(model, x), bce, rtol=1e-4)
     # the sign convention makes the fit reproducible: each axis's largest entry is positive

@@ -17,6 +17,7 @@ import tempfile
 import numpy as np
 
 import mnist
+import tasks
 from harness.protocol import BUDGET_DRAWS, N_SHOWN, PIXELS, QUICK, SAMPLERS
 
 # ---- constants
@@ -170,6 +171,19 @@ def plot_roc(curves_by_model, path):
         ax.axis("off")
     fig.tight_layout()
     _savefig(fig, path)
+
+
+def code_density_picture(model, name, fit, val, x_test, is_anomaly, seed, n_grid=100):
+    """code_nll's picture: log p(z) of its mixture on a grid over the training codes, with the test
+    codes of the held-out digit and of the other digits on top; None unless the code is 2-d."""
+    gmm, codes = tasks.code_density(model, fit, val, seed)
+    z_fit, z_test = codes(fit), codes(x_test)
+    if z_fit.shape[1] != 2:
+        return None                 # only a 2-d code space can be drawn as it is
+    lo, hi = np.percentile(z_fit, 0.5, axis=0), np.percentile(z_fit, 99.5, axis=0)
+    gx, gy = np.meshgrid(*(np.linspace(a - 0.1 * (b - a), b + 0.1 * (b - a), n_grid) for a, b in zip(lo, hi)))
+    log_p = tasks.gmm_log_density(gmm, np.c_[gx.ravel(), gy.ravel()]).reshape(n_grid, n_grid)
+    return {"model": name, "grid": (gx, gy, log_p), "anomalies": z_test[is_anomaly], "normal": z_test[~is_anomaly]}
 
 
 def plot_code_density(density, path):

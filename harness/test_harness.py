@@ -216,7 +216,7 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
             np.testing.assert_array_equal(samples[suffix], again[suffix])
         ae.set_seed(42)
         z = tasks.encode(model, data["x_all"])           # the codes every task uses
-        h = tasks.encoder_outputs(model, data["x_all"])
+        h = tasks.batched(model.encoder, data["x_all"], model=model)
         gmm_inputs = [call[1:] for call in calls if call[0] == "gmm"]
         for (z_fit, z_choose), codes in zip(gmm_inputs, [z, h]):
             np.testing.assert_array_equal(z_fit, codes[data["train_idx"]])      # fits: training codes
@@ -224,7 +224,7 @@ def test_draw_samples_the_test_images_never_fit_or_choose(tiny_data, monkeypatch
         assert len(gmm_inputs) == (2 if name == "vq" else 1)
         freq_inputs = [call[1] for call in calls if call[0] == "freqs"]
         if name == "vq":
-            np.testing.assert_array_equal(freq_inputs[0], tasks.vq_indices(model, data["x_all"])[data["train_idx"]])
+            np.testing.assert_array_equal(freq_inputs[0], tasks.batched(lambda b: model.bottleneck.indices(model.encoder(b)), data["x_all"], model=model)[data["train_idx"]])
         assert ks["_gmm"] in (1, 2)
 
 
@@ -738,7 +738,7 @@ def test_pca_samples_from_the_code_variances_and_checkpoints_round_trip(tmp_path
     assert model.sample(4).shape == (4, ae.INPUT_DIM)
     checkpoints.save(model, tmp_path / "pca.pt")
     loaded, _ = checkpoints.load(tmp_path / "pca.pt")
-    assert np.array_equal(tasks.reconstruct(loaded, x), tasks.reconstruct(model, x))
+    assert np.array_equal(tasks.batched(loaded, x), tasks.batched(model, x))
     assert not any(p.requires_grad for p in loaded.parameters())       # nothing for Adam to move
 
 
@@ -1566,7 +1566,9 @@ def test_wiring_reconstruction_and_latent_structure(wiring, monkeypatch):
     models = _wiring_models(["vanilla", "vae"], protocol.LATENT)
     models2 = _wiring_models(["vanilla", "vae"], protocol.LATENT_ANOMALY)
     w = _Wire(monkeypatch, data, list(models.values()) + list(models2.values()))
-    monkeypatch.setattr(tasks, "reconstruct", lambda model, x: (model, x))
+    real = tasks.batched                                 # a model applied as it is: the reconstructions
+    monkeypatch.setattr(tasks, "batched", lambda fn, x, *a, **k: (fn, x) if any(fn is m for m in models.values())
+                        else real(fn, x, *a, **k))
     m, shown = run.task_reconstruction(models, data, WIRING_SEED)
     for name, model in models.items():                   # the figure: the first 16 test images
         assert shown[name][0] is model and np.array_equal(shown[name][1], data["x_test"][:protocol.N_SHOWN])
