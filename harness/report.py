@@ -43,6 +43,8 @@ CLEAR_MARGIN = 0.02             # a lead in confidence or AUROC smaller than thi
 INK_FREE = 0.3                  # |rank correlation| with ink below which a score is free of it (rho^2 < 0.1)
 INK_STRONG = 0.7                # |rank correlation| with ink from which a score "measures ink":
                                 # rho^2 ~ 0.5, ink alone orders half the variance of the score's ranks
+SIMPLE_FOLLOWS = 0.8            # |rank correlation over the held-out digits| with H(x)'s or L(x)'s
+                                # AUROC from which a score finds the digits that simplicity finds
 SAME_TIME_RATIO = 1.25          # training times within this factor count as "about equal"
 EVIDENCE_MAX_DIGITS = 6         # evidence: decimals enough for any two float32-derived values
 # the settings a report stands for: one made with others is replaced only with --replace
@@ -319,13 +321,43 @@ def claim_score_beats_bce(s, names, digits, score, latent=None, scope=None):
                    f"{len(have) * len(keys)} (model, digit) pairs")
 
 
+def ink_and_simplicity(s, names, digits):
+    """{score: (median |rho with ink|, rho_H, rho_L)} of one seed's numbers (or the seeds' means).
+
+    The first: over the contestants and held-out digits, |rank correlation of the score with ink|
+    per image (a constant score, e.g. -log p(z) of dead codes, has none and is left out). rho_H
+    and rho_L: over the held-out digits, the rank correlation of the score's AUROC (mean over the
+    contestants) with the AUROC of H(x) alone and of L(x) alone (NaN below three digits): near 1,
+    the score finds exactly the digits that the image's simplicity finds.
+    """
+    keys, out = _score_keys(digits), {}
+    for sc in ANOMALY_SCORES:
+        auc, _, rho = tasks.metric_names(sc)
+        have = [n for n in names if all(n in s.get(rho + k, {}) for k in keys)]
+        values = [abs(s[rho + k][n]) for n in have for k in keys if np.isfinite(s[rho + k][n])]
+        if not values:
+            continue
+        follows = [np.nan, np.nan]
+        if len(keys) > 2:
+            profile = [np.mean([s[auc + k][n] for n in have]) for k in keys]
+            follows = [tasks.spearman(profile, [s["anomaly_auc" + k][r] for k in keys]) for r in ("entropy", "png")]
+        out[sc] = (float(np.median(values)), *follows)
+    return out
+
+
 def claim_some_score_free_of_ink(s, names, digits):
-    keys = _score_keys(digits)
-    median = {sc: float(np.median([abs(s[tasks.metric_names(sc)[2] + k][n]) for n in names for k in keys]))
-              for sc in ANOMALY_SCORES if all(tasks.metric_names(sc)[2] + k in s for k in keys)
-              and all(n in s[tasks.metric_names(sc)[2] + keys[0]] for n in names)}
+    median = {sc: v[0] for sc, v in ink_and_simplicity(s, names, digits).items()}
     free = [sc for sc, v in median.items() if sc != "bce" and v < INK_FREE]
     return bool(free), "median |ρ|: " + ", ".join(f"{sc} {v:.2f}" for sc, v in median.items())
+
+
+def claim_free_of_ink_and_of_simplicity(s, names, digits):
+    table = ink_and_simplicity(s, names, digits)
+    free = [sc for sc, v in table.items() if sc != "bce" and v[0] < INK_FREE]
+    simple = [sc for sc in free if not max(abs(table[sc][1]), abs(table[sc][2])) < SIMPLE_FOLLOWS]   # NaN: can't tell
+    clean = [sc for sc in free if sc not in simple]
+    return bool(clean), (f"free of ink: {', '.join(free) or 'none'}; of these, following H(x) or L(x) over the "
+                         f"digits: {', '.join(simple) or 'none'}; free of both: {', '.join(clean) or 'none'}")
 
 
 def claim_best_pair_beats_references(s, names, digits):
@@ -426,6 +458,10 @@ CLAIMS = [
      partial(claim_score_beats_bce, score="neg_iwae", scope=ARTICLE_VAES)),
     (f"(ours) Some score beyond the summed BCE is free of ink: median |ρ with ink| below {INK_FREE} "
      "over the contestants and digits.", (), has("anomaly_ink_spearman_bce_excess"), claim_some_score_free_of_ink),
+    (f"(ours) Some score is free of ink without being the images' simplicity instead: median |ρ with ink| "
+     f"below {INK_FREE}, and its AUROC over the held-out digits not rank-correlated with H(x)'s or L(x)'s "
+     f"(|ρ| below {SIMPLE_FOLLOWS}).", (), _both(several_digits, has("anomaly_ink_spearman_bce_excess")),
+     claim_free_of_ink_and_of_simplicity),
     (f"(ours) The best (model, score) pair beats every reference (ink, H(x), L(x), pca with any score) "
      f"by more than {CLEAR_MARGIN} (mean AUROC over the held-out digits).", ("pca",),
      has("anomaly_auc_bce_excess"), claim_best_pair_beats_references),
@@ -821,8 +857,9 @@ def _digit_means(m, score, n, keys):
 
 
 def report_anomaly_scores(m, names, cfg, out_dir):
-    """Every anomaly score, every model: the mean AUROC over the held-out digits, the rank
-    correlation with ink, per-digit tables and heatmaps, and the code density's picture."""
+    """Every anomaly score, every model: the mean AUROC over the held-out digits, what each score
+    shares with ink and with the images' simplicity, the best pair digit by digit, then
+    `_anomaly_scores_by_digit`."""
     if "anomaly_auc_bce_excess" not in m:
         return ""           # a run from before these scores
     digits = cfg["anomaly_digits"] if len(cfg["anomaly_digits"]) > 1 else [ANOMALY_DIGIT]
@@ -834,16 +871,62 @@ def report_anomaly_scores(m, names, cfg, out_dir):
     table += [[_label(REFERENCES[r], names), cell(_digit_means(m, "bce", r, keys))] + [""] * len(scores)
               for r in REFERENCES if r in m.get("anomaly_auc" + keys[0], {})]
     rho = lambda s, n: [m[tasks.metric_names(s)[2] + k][n]["mean"] for k in keys if n in m.get(tasks.metric_names(s)[2] + k, {})]
-    rho_rows = [[_label(n, names)] + [f"{np.mean(rho(s, n)):+.2f}" if rho(s, n) else "" for s in scores] for n in rows_m]
+    mean_rho = lambda v: "" if not v else "n/a" if not np.isfinite(v).any() else (
+        f"{np.nanmean(v):+.2f}" + ("*" if not np.isfinite(v).all() else ""))
+    rho_rows = [[_label(n, names)] + [mean_rho(rho(s, n)) for s in scores] for n in rows_m]
+    means = {metric: {n: v["mean"] for n, v in by_model.items()} for metric, by_model in m.items()}
+    kinds = ink_and_simplicity(means, names, digits)
+    signed = lambda v: f"{v:+.2f}" if np.isfinite(v) else ""     # no correlation over fewer than 3 digits
+    kind_rows = [[SCORE_TITLES[sc], f"{v[0]:.2f}", signed(v[1]), signed(v[2]),
+                  "counts ink" if v[0] >= INK_STRONG else "partly ink" if v[0] >= INK_FREE else
+                  "simplicity" if not max(abs(v[1]), abs(v[2])) < SIMPLE_FOLLOWS else "free of both"]
+                 for sc, v in kinds.items()]
     text = (f"\n### Every anomaly score\n\nMean AUROC over the {len(keys)} held-out digit(s) (each seed's mean, "
             "then mean ± std over the seeds); higher = better; PROTOCOL.md 6.3 defines each score. The "
             "reference rows need no model: low ink, the BCE's floor H(x), and the PNG length L(x).\n\n"
             + _table(["model", "no model"] + [SCORE_TITLES[s] for s in scores], table)
             + f"\nRank correlation with ink, mean over the digits: near ±1 a score orders the images by "
-              f"their stroke mass; |ρ| below {INK_FREE} is free of it.\n\n"
-            + _table(["model"] + [SCORE_TITLES[s] for s in scores], rho_rows))
+              f"their stroke mass; |ρ| below {INK_FREE} is free of it. n/a: the score is the same for every "
+              "image (every unit of the code dead), so it has no ranking; *: the mean over the digits where "
+              "it has one.\n\n"
+            + _table(["model"] + [SCORE_TITLES[s] for s in scores], rho_rows)
+            + f"\nWhat each score shares with ink and with the images' simplicity (means over the seeds): the "
+              f"median over the contestants and digits of |ρ with ink| per image, and, over the held-out "
+              f"digits, the rank correlation of the score's AUROC (mean over the contestants) with the "
+              f"AUROC of H(x) alone and of L(x) alone. A score free of ink (|ρ| below {INK_FREE}) whose "
+              f"AUROC follows H(x)'s or L(x)'s (|ρ| at least {SIMPLE_FOLLOWS}) has replaced ink by "
+              "simplicity.\n\n"
+            + _table(["score", "median \\|ρ\\| with ink", "ρ with H(x) over digits", "ρ with L(x) over digits",
+                      "reading"], kind_rows))
+    return text + _best_pair_by_digit(m, names, digits, scores) + _anomaly_scores_by_digit(m, names, digits, scores, out_dir)
+
+
+def _best_pair_by_digit(m, names, digits, scores):
+    """The best (contestant, score) pair beyond the summed BCE, digit by digit, beside the same
+    contestant's summed BCE, the best contestant by summed BCE, and low ink."""
+    if len(digits) < 2:
+        return ""
+    keys = [f"_digit_{d}" for d in digits]
+    mean = lambda sc, n: np.mean([m[tasks.metric_names(sc)[0] + k][n]["mean"] for k in keys])
+    pairs = [(n, sc) for sc in scores if sc != "bce" for n in names
+             if all(n in m.get(tasks.metric_names(sc)[0] + k, {}) for k in keys)]
+    if not pairs:
+        return ""
+    n, sc = max(pairs, key=lambda p: mean(p[1], p[0]))
+    by_bce = max((c for c in names if all(c in m["anomaly_auc" + k] for k in keys)), key=lambda c: mean("bce", c))
+    shown = [(n, sc), (n, "bce")] + ([(by_bce, "bce")] if by_bce != n else []) + [("ink", "bce")]
+    rows = [[REFERENCES["ink"] + " (reference)" if c == "ink" else f"{_label(c, names)}, {SCORE_TITLES[x]}"]
+            + [_fmt(m, tasks.metric_names(x)[0] + k, c, 3) for k in keys] + [f"{mean(x, c):.3f}"] for c, x in shown]
+    return (f"\nThe best pair beyond the summed BCE, {n} with {SCORE_TITLES[sc]}, digit by digit (AUROC, mean ± std "
+            "over the seeds), beside its summed BCE, the best contestant by summed BCE, and low ink:\n\n"
+            + _table(["model, score"] + [str(d) for d in digits] + ["mean"], rows))
+
+
+def _anomaly_scores_by_digit(m, names, digits, scores, out_dir):
+    """Per-digit tables and heatmaps of every score, the word on L(x), and the code density's picture."""
+    text = ""
     if len(digits) > 1:
-        shown = _rows(m, ["anomaly_auc" + keys[0]], names)
+        shown = _rows(m, [f"anomaly_auc_digit_{digits[0]}"], names)
         value = lambda s, d, n: m.get(f"{tasks.metric_names(s)[0]}_digit_{d}", {}).get(n, {"mean": np.nan})["mean"]
         for s in scores[1:]:
             per_digit = [[_label(n, names)] + [f"{value(s, d, n):.3f}" for d in digits] for n in shown

@@ -1088,7 +1088,7 @@ def test_run_anomaly_sweep_wiring_and_report_from_results_alone(tiny_data, tmp_p
     assert f"{excess:.3f}" in text
     ours = {r[0]: r[1] for r in report.audit(m, ["shallow"], [0, 1, 3])}
     scored = [c for c in ours if "BCE's floor" in c or "Code density" in c or "free of ink" in c or "(model, score)" in c]
-    assert len(scored) == 5 and all(ours[c] != "not run" for c in scored)
+    assert len(scored) == 6 and all(ours[c] != "not run" for c in scored)
 
 
 def test_claims_about_the_scores_hold_on_one_side_of_their_boundary_only():
@@ -1105,6 +1105,28 @@ def test_claims_about_the_scores_hold_on_one_side_of_their_boundary_only():
         f"anomaly_ink_spearman_digit_{d}": {"a": 0.9, "b": 0.9} for d in digits}
     free = lambda s: report.claim_some_score_free_of_ink(s, ["a", "b"], digits)[0]
     assert free(rho(report.INK_FREE - 0.01)) and not free(rho(report.INK_FREE + 0.01))
+
+
+def test_free_of_ink_and_of_simplicity_holds_below_the_simplicity_bound_only():
+    digits = list(range(10))
+    entropy = [5, 0, 9, 2, 7, 4, 1, 8, 3, 6]             # H(x)'s AUROC ranks: unrelated to L(x)'s
+    def s(profile, ink_rho=0.1):                          # L(x)'s AUROC ranks are the digits' order
+        return {**{f"anomaly_auc_digit_{d}": {"a": 0.6, "b": 0.6, "entropy": entropy[d] / 10, "png": d / 10} for d in digits},
+                **{f"anomaly_auc_bce_excess_digit_{d}": {"a": profile[d] / 10, "b": profile[d] / 10} for d in digits},
+                **{f"anomaly_ink_spearman_bce_excess_digit_{d}": {"a": ink_rho, "b": -ink_rho} for d in digits},
+                **{f"anomaly_ink_spearman_digit_{d}": {"a": 0.9, "b": 0.9} for d in digits}}
+    swap = lambda order, i, j: [order[j] if k == i else order[i] if k == j else v for k, v in enumerate(order)]
+    near = swap(digits, 0, 4)                             # sum of squared rank shifts 32: rho = 1 - 6*32/990
+    apart = swap(near, 8, 9)                              # 34: rho = 1 - 6*34/990
+    rho_l = lambda p: report.ink_and_simplicity(s(p), ["a", "b"], digits)["bce_excess"][2]
+    assert rho_l(near) == pytest.approx(1 - 6 * 32 / 990) and rho_l(apart) == pytest.approx(1 - 6 * 34 / 990)
+    assert rho_l(near) >= report.SIMPLE_FOLLOWS > rho_l(apart)       # the two sides of the bound
+    assert abs(report.ink_and_simplicity(s(apart), ["a", "b"], digits)["bce_excess"][1]) < report.SIMPLE_FOLLOWS
+    holds = lambda p, ink_rho=0.1: report.claim_free_of_ink_and_of_simplicity(s(p, ink_rho), ["a", "b"], digits)
+    assert holds(apart)[0] and "free of both: bce_excess" in holds(apart)[1]
+    assert not holds(near)[0] and "following H(x) or L(x) over the digits: bce_excess" in holds(near)[1]
+    assert not holds(apart, ink_rho=report.INK_FREE + 0.01)[0]       # not free of ink in the first place
+    assert np.isnan(report.ink_and_simplicity(s(apart), ["a", "b"], digits[:2])["bce_excess"][1:]).all()   # 2 digits
 
 
 def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
