@@ -912,7 +912,7 @@ def _best_pair_by_digit(m, names, digits, scores):
     if len(digits) < 2:
         return ""
     keys = [f"_digit_{d}" for d in digits]
-    mean = lambda sc, n: np.mean([m[tasks.metric_names(sc)[0] + k][n]["mean"] for k in keys])
+    mean = lambda sc, n: float(_digit_means(m, sc, n, keys).mean())
     pairs = [(n, sc) for sc in scores if sc != "bce" for n in names
              if all(n in m.get(tasks.metric_names(sc)[0] + k, {}) for k in keys)]
     if not pairs:
