@@ -53,7 +53,7 @@ def main(argv=None):
     t_start, stages = time.time(), {}
     out_dir = os.path.join(args.out, args.dataset)
     device = cli.preflight(args)            # one-line errors before any work
-    env = workers.environment(device)       # before any output: figures written into a git tree dirty it
+    env = workers.environment(device, out_dir)     # its git_dirty: changes outside out_dir
     # 1. the data: 55,000 training and 5,000 validation images (one seeded split), 10,000 test
     data = trainings.load_data(args)
     seeds = trainings.seeds_of(args)

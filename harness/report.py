@@ -553,7 +553,7 @@ def report_header(results, article):
         f"`{cfg['command']}` finished {results['finished']} in {workers.hms(results['stages_seconds']['total'])} "
         f"on {env['gpu'] or env['cpu']} ({env['device']}); its {len(trained)} trainings took "
         f"{workers.hms(sum(t['seconds'] for t in trained))} of training time in all. "
-        + (f"{from_checkpoints} of them were reused from checkpoints of an earlier run with the same settings. "
+        + (f"{from_checkpoints} of them were reused from checkpoints saved with the same settings. "
            if from_checkpoints else "")
         + (f"The sweep's {len(cells)} anomaly-only trainings enter as their scores in "
            f"`anomaly_cells.json`, each made right after its training (scored by "

@@ -18,9 +18,11 @@ import math
 import os
 import pathlib
 import queue
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import warnings
@@ -471,13 +473,33 @@ def test_environment_asks_git_for_the_commit_and_local_changes_and_never_waits_l
     monkeypatch.setattr(subprocess, "run", fake_git)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Fake GPU 80GB")
     env = workers.environment(torch.device("cuda"))
-    assert asked == [["git", "rev-parse", "HEAD"], ["git", "status", "--porcelain"]]
+    assert asked == [["git", "rev-parse", "--show-toplevel"], ["git", "rev-parse", "HEAD"],
+                     ["git", "status", "--porcelain", "--", ":/"]]
     assert (env["git_commit"], env["git_dirty"]) == ("ab" * 20, True)
     assert (env["device"], env["gpu"]) == ("cuda", "Fake GPU 80GB")
     def hangs(cmd, **kw):
         raise subprocess.TimeoutExpired(cmd, kw["timeout"])
     monkeypatch.setattr(subprocess, "run", hangs)
     assert workers.environment(torch.device("cpu"))["git_commit"] == ""
+
+
+def test_git_dirty_counts_changes_outside_the_runs_output_folder_only(tmp_path):
+    # a resumed run finds its own cells file changed: that is output, not code, and keeps the tree clean
+    root = pathlib.Path(run.__file__).parent
+    if not (root / ".git").exists():
+        pytest.skip("not a git checkout (a copy, e.g. mutmut's)")
+    out = pathlib.Path(tempfile.mkdtemp(dir=root / "results"))
+    try:
+        (out / "anomaly_cells.json").write_text("{}")                     # untracked: a change to the tree
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
+                                capture_output=True, text=True).stdout.splitlines()
+        others = [line for line in status if not line[3:].startswith(str(out.relative_to(root)) + "/")]
+        assert len(others) < len(status)                                 # git sees the new file
+        assert workers.environment(torch.device("cpu"))["git_dirty"] is True
+        assert workers.environment(torch.device("cpu"), str(out))["git_dirty"] is bool(others)
+        assert workers.environment(torch.device("cpu"), str(tmp_path))["git_dirty"] is True   # outside: no effect
+    finally:
+        shutil.rmtree(out)
 
 
 def test_config_records_the_command_as_typed(wiring, monkeypatch):
@@ -1930,6 +1952,8 @@ def test_committed_reports_are_what_report_py_renders_from_their_results(dataset
     # every committed REPORT.md is the current code's rendering of the results.json beside it:
     # after a change to the report or a claim, re-render with `python -m harness.report results/<dataset>`
     folder = pathlib.Path(run.__file__).parent / "results" / dataset
+    if (folder / "anomaly_code_density.png").is_file():     # run.py draws it; the report links it where it is
+        shutil.copy(folder / "anomaly_code_density.png", tmp_path)
     path = report.write_report(report.read_results(str(folder)), str(tmp_path))
     assert pathlib.Path(path).read_text() == (folder / "REPORT.md").read_text()
     # the figures the report draws itself (the sweep's heatmap) are committed beside it too

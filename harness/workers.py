@@ -160,14 +160,21 @@ def torch_threads(n):
 
 # ---- the machine
 
-def environment(device):
-    """Versions, processor, device and the git commit the numbers came from (results.json keeps them)."""
+def environment(device, out_dir=None):
+    """Versions, processor, device and the git commit the numbers came from (results.json keeps them).
+
+    git_dirty: local changes anywhere in the repository but under out_dir, the run's own output.
+    """
     def git(*cmd):
         try:
             return subprocess.run(["git", *cmd], capture_output=True, text=True, timeout=5,
                                   cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+    # the run's own output folder, where it lies inside the repository, is not the code: a resumed
+    # run finds its cells file and figures changed by its own first attempt
+    root, out = git("rev-parse", "--show-toplevel"), os.path.realpath(out_dir) if out_dir else None
+    mine = [f":(exclude){out}"] if root and out and os.path.commonpath([root, out]) == root else []
     cpu = platform.processor()
     try:
         with open("/proc/cpuinfo") as f:
@@ -178,7 +185,7 @@ def environment(device):
             "numpy": np.__version__, "platform": platform.platform(), "cpu": cpu,
             "cpu_threads": torch.get_num_threads(), "device": str(device),
             "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain"))}
+            "git_commit": git("rev-parse", "HEAD"), "git_dirty": bool(git("status", "--porcelain", "--", ":/", *mine))}
 
 
 # ---- the training processes
