@@ -541,12 +541,14 @@ def test_cli_ends_an_interrupted_run_with_one_line_and_128_plus_the_signal(monke
 @pytest.mark.slow
 def test_run_end_to_end_schema_report_figures(tiny_data, tmp_path, capsys, monkeypatch):
     from PIL import Image
-    # provenance (git_dirty) is read before the run writes anything: with --out inside the git
-    # tree, its own figures would otherwise mark every run as made from a dirty tree
+    # provenance (git_dirty) is read before the run writes anything, and leaves the run's own
+    # output folder out: with --out inside the git tree, its figures and cells file would
+    # otherwise mark every run (and every resumed one) as made from a dirty tree
     real_environment, written = workers.environment, []
-    def spy(device):
+    def spy(device, out_dir):
         written.append(sorted(p.name for p in tmp_path.rglob("*")))
-        return real_environment(device)
+        assert out_dir == str(tmp_path / "mnist")
+        return real_environment(device, out_dir)
     monkeypatch.setattr(workers, "environment", spy)
     run.main(_run_args(tiny_data, tmp_path))
     assert written == [[]]
