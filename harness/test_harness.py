@@ -22,7 +22,6 @@ import shutil
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import warnings
@@ -484,22 +483,32 @@ def test_environment_asks_git_for_the_commit_and_local_changes_and_never_waits_l
 
 
 def test_git_dirty_counts_changes_outside_the_runs_output_folder_only(tmp_path):
-    # a resumed run finds its own cells file changed: that is output, not code, and keeps the tree clean
-    root = pathlib.Path(run.__file__).parent
-    if not (root / ".git").exists():
-        pytest.skip("not a git checkout (a copy, e.g. mutmut's)")
-    out = pathlib.Path(tempfile.mkdtemp(dir=root / "results"))
-    try:
-        (out / "anomaly_cells.json").write_text("{}")                     # untracked: a change to the tree
-        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=all"], cwd=root,
-                                capture_output=True, text=True).stdout.splitlines()
-        others = [line for line in status if not line[3:].startswith(str(out.relative_to(root)) + "/")]
-        assert len(others) < len(status)                                 # git sees the new file
-        assert workers.environment(torch.device("cpu"))["git_dirty"] is True
-        assert workers.environment(torch.device("cpu"), str(out))["git_dirty"] is bool(others)
-        assert workers.environment(torch.device("cpu"), str(tmp_path))["git_dirty"] is True   # outside: no effect
-    finally:
-        shutil.rmtree(out)
+    # a resumed run finds its own cells file changed: that is output, not code. Checked on a copy of
+    # workers.py committed to a throwaway repository, so that this checkout's own state cannot hide it
+    import importlib.util
+    if shutil.which("git") is None:
+        pytest.skip("no git")
+    repo = tmp_path / "repo"
+    (repo / "harness").mkdir(parents=True)
+    shutil.copy(workers.__file__, repo / "harness" / "workers.py")
+    git = lambda *cmd: subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *cmd], cwd=repo,
+                                      capture_output=True, check=True)
+    git("init", "-q")
+    git("add", ".")
+    git("commit", "-q", "-m", "code")
+    spec = importlib.util.spec_from_file_location("workers_copy", repo / "harness" / "workers.py")
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    dirty = lambda out=None: copy.environment(torch.device("cpu"), out)["git_dirty"]
+    out = repo / "results" / "mnist"
+    assert dirty() is False and dirty(str(out)) is False                 # a clean tree
+    out.mkdir(parents=True)
+    (out / "anomaly_cells.json").write_text("{}")
+    assert dirty() is True and dirty(str(out)) is False                  # only the output changed
+    assert dirty(str(repo / "results" / "fashion")) is True and dirty(str(tmp_path / "elsewhere")) is True
+    with open(repo / "harness" / "workers.py", "a") as f:
+        f.write("# a change to the code\n")
+    assert dirty(str(out)) is True                                       # the code changed too
 
 
 def test_config_records_the_command_as_typed(wiring, monkeypatch):
