@@ -350,6 +350,17 @@ def ink_and_simplicity(s, names, digits):
     return out
 
 
+def ink_reading(median_rho, rho_h, rho_l):
+    """ink_and_simplicity's numbers of one score in words."""
+    if median_rho >= INK_STRONG:
+        return "counts ink"
+    if median_rho >= INK_FREE:
+        return "partly ink"
+    if not (np.isfinite(rho_h) and np.isfinite(rho_l)):
+        return "free of ink; simplicity needs 3 or more digits"
+    return "simplicity" if max(abs(rho_h), abs(rho_l)) >= SIMPLE_FOLLOWS else "free of both"
+
+
 def claim_some_score_free_of_ink(s, names, digits):
     median = {sc: v[0] for sc, v in ink_and_simplicity(s, names, digits).items()}
     free = [sc for sc, v in median.items() if sc != "bce" and v < INK_FREE]
@@ -882,9 +893,7 @@ def report_anomaly_scores(m, names, cfg, out_dir):
     means = {metric: {n: v["mean"] for n, v in by_model.items()} for metric, by_model in m.items()}
     kinds = ink_and_simplicity(means, names, digits)
     signed = lambda v: f"{v:+.2f}" if np.isfinite(v) else ""     # no correlation over fewer than 3 digits
-    kind_rows = [[SCORE_TITLES[sc], f"{v[0]:.2f}", signed(v[1]), signed(v[2]),
-                  "counts ink" if v[0] >= INK_STRONG else "partly ink" if v[0] >= INK_FREE else
-                  "simplicity" if not max(abs(v[1]), abs(v[2])) < SIMPLE_FOLLOWS else "free of both"]
+    kind_rows = [[SCORE_TITLES[sc], f"{v[0]:.2f}", signed(v[1]), signed(v[2]), ink_reading(*v)]
                  for sc, v in kinds.items()]
     text = (f"\n### Every anomaly score\n\nMean AUROC over the {len(keys)} held-out digit(s) (each seed's mean, "
             "then mean ± std over the seeds); higher = better; PROTOCOL.md 6.3 defines each score. The "

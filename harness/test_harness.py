@@ -1160,6 +1160,13 @@ def test_free_of_ink_and_of_simplicity_holds_below_the_simplicity_bound_only():
     assert not holds(near)[0] and "following H(x) or L(x) over the digits: bce_excess" in holds(near)[1]
     assert not holds(apart, ink_rho=report.INK_FREE + 0.01)[0]       # not free of ink in the first place
     assert np.isnan(report.ink_and_simplicity(s(apart), ["a", "b"], digits[:2])["bce_excess"][1:]).all()   # 2 digits
+    # the report's words for them, each rule on both sides of its bound; no reading of simplicity from NaN
+    strong, free, follows = report.INK_STRONG, report.INK_FREE, report.SIMPLE_FOLLOWS
+    assert report.ink_reading(strong, 0, 0) == "counts ink" and report.ink_reading(strong - 0.01, 0, 0) == "partly ink"
+    assert report.ink_reading(free, 0, 0) == "partly ink" and report.ink_reading(free - 0.01, 0, 0) == "free of both"
+    assert report.ink_reading(0.1, follows, 0) == "simplicity" == report.ink_reading(0.1, 0, -follows)
+    assert report.ink_reading(0.1, follows - 0.01, -(follows - 0.01)) == "free of both"
+    assert report.ink_reading(0.1, np.nan, np.nan).startswith("free of ink; simplicity needs 3")
 
 
 def test_sweep_only_is_every_anomaly_training_but_the_articles_setting():
