@@ -368,9 +368,9 @@ def claim_some_score_free_of_ink(s, names, digits):
 
 
 def claim_free_of_ink_and_of_simplicity(s, names, digits):
-    table = ink_and_simplicity(s, names, digits)
-    free = [sc for sc, v in table.items() if sc != "bce" and v[0] < INK_FREE]
-    simple = [sc for sc in free if not max(abs(table[sc][1]), abs(table[sc][2])) < SIMPLE_FOLLOWS]   # NaN: can't tell
+    reading = {sc: ink_reading(*v) for sc, v in ink_and_simplicity(s, names, digits).items() if sc != "bce"}
+    free = [sc for sc, r in reading.items() if r not in ("counts ink", "partly ink")]
+    simple = [sc for sc in free if reading[sc] != "free of both"]      # NaN: can't tell, so not clean
     clean = [sc for sc in free if sc not in simple]
     return bool(clean), (f"free of ink: {', '.join(free) or 'none'}; of these, following H(x) or L(x) over the "
                          f"digits: {', '.join(simple) or 'none'}; free of both: {', '.join(clean) or 'none'}")
