@@ -1218,6 +1218,10 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
         assert cell["scored"]["git_commit"] == first["environment"]["git_commit"]
         assert records[name]["scored"] == cell["scored"] and records[name]["seconds"] == cell["history"]["seconds"]
     assert "anomaly-only trainings enter as their scores" in (out / "REPORT.md").read_text()
+    # every figure the report links was written beside it, under the name the link gives
+    links = [part.split(")")[0] for part in (out / "REPORT.md").read_text().split("](")[1:]]
+    images = [name for name in links if name.endswith((".png", ".gif"))]
+    assert len(images) >= 8 and all((out / name).is_file() for name in images), images
     # without the cells' checkpoints the same command trains nothing and reports the same numbers
     for name in kept:
         (out / "checkpoints" / name).unlink()
