@@ -1195,6 +1195,7 @@ def test_write_cells_reads_back_one_line_per_cell(tmp_path):
     back = cells.read_cells(path)
     assert back.keys() == kept.keys() and back["m0.pt"] == kept["m0.pt"] and np.isnan(back["m1.pt"]["anomaly"]["anomaly_auc"])
     assert [line.strip()[:7] for line in pathlib.Path(path).read_text().splitlines()[2:-1]] == ['"m0.pt"', '"m1.pt"', '"m2.pt"']
+    assert json.loads(pathlib.Path(path).read_text())["about"] == cells.CELLS_ABOUT     # the file says what it is
     cells.write_cells(path, {})
     assert cells.read_cells(path) == {}
 
@@ -1229,6 +1230,9 @@ def test_run_keeps_the_sweep_cells_and_needs_no_checkpoint_of_theirs(tiny_data, 
     second = run.main(argv)
     assert calls == [] and anomaly(second) == anomaly(first)
     assert all(t["reused"] for t in second["trainings"])
+    # the cells stand in for their checkpoints in the training records too: seconds and threads
+    threads = lambda r: {t["checkpoint"]: t["threads"] for t in r["trainings"]}
+    assert threads(second) == threads(first) and all(isinstance(n, int) for n in threads(first).values())
     # a cell kept with other settings, or without one of its numbers, is trained and scored again
     doc = json.loads((out / cells.CELLS).read_text())
     stale, partial, *_ = sorted(n for n in doc["cells"] if n.startswith("shallow"))
