@@ -1889,6 +1889,27 @@ def test_code_density_scores_a_code_far_from_the_training_codes_higher():
     np.testing.assert_allclose(nll, -tasks.gmm_log_density(gmm, x[:, :2]), rtol=1e-5)
 
 
+def test_code_density_reads_the_vaes_mean_code_and_the_vq_code_before_its_quantiser():
+    rng = np.random.default_rng(0)
+    x_train, x_val, x = (rng.random((n, 1024)).astype(np.float32) for n in (300, 100, 20))
+    for name, code in (("vae", lambda m, b: m.encode(b, sample=False)), ("vq", lambda m, b: m.encoder(b))):
+        model = _build(name, 2).eval()
+        with torch.no_grad():
+            z_train, z_val, z = (code(model, torch.from_numpy(a)).numpy() for a in (x_train, x_val, x))
+        gmm, _ = tasks.choose_gmm(z_train, z_val, 0)
+        torch.manual_seed(1)      # a sampled code would differ from draw to draw; the mean does not
+        np.testing.assert_allclose(tasks.code_nll(model, x, x_train, x_val, seed=0),
+                                   -tasks.gmm_log_density(gmm, z), rtol=1e-4, atol=1e-4)
+
+
+def test_anomaly_row_bce_png_is_the_summed_bce_in_bits_less_the_png_length():
+    x = np.random.default_rng(0).random((8, 1024)).astype(np.float32)
+    model = _build("vanilla", 2)
+    _warm_batchnorm(model)
+    _, scores = tasks.anomaly_row(model, x, np.arange(8) % 2 == 0, seed=0)
+    np.testing.assert_allclose(scores["bce_png"], scores["bce"] / math.log(2) - tasks.png_bits(x))
+
+
 def test_anomaly_scores_are_bce_then_signed_of_the_same_reconstruction():
     x = np.random.default_rng(0).random((6, 1024)).astype(np.float32)
     # a deterministic model: the two scores against model(x) by hand, in that order
@@ -2327,10 +2348,19 @@ def test_task_anomaly_positives_keys_ink_and_correlations():
             assert m["anomaly_ink_spearman" + suffix][name] == pytest.approx(tasks.spearman(bce, ink), abs=1e-6)
             assert m["anomaly_ink_spearman_signed_score" + suffix][name] == pytest.approx(
                 tasks.spearman(signed, ink), abs=1e-6)
+            if (latent, digit) == (2, 1):   # the summed BCE in bits (nats / ln 2), beside L(x)'s bits
+                assert m["anomaly_bce_bits_mean"][name] == pytest.approx(bce.mean() / math.log(2))
+                assert m["anomaly_bce_bits_std"][name] == pytest.approx(bce.std() / math.log(2))
         # ink ranks low ink as anomalous, whatever the model, under both scores' names
         assert m["anomaly_auc" + suffix]["ink"] == pytest.approx(_pairwise_auc(y == digit, -ink))
         assert m["anomaly_auc_signed_score" + suffix]["ink"] == m["anomaly_auc" + suffix]["ink"]
         assert "anomaly_ink_spearman" + suffix not in m or "ink" not in m["anomaly_ink_spearman" + suffix]
+    # the images' own lengths in bits: H(x) in nats / ln 2, and the PNG files
+    h_bits, png = tasks.entropy(x) / math.log(2), tasks.png_bits(x)
+    assert m["anomaly_bce_bits_mean"]["entropy"] == pytest.approx(h_bits.mean())
+    assert m["anomaly_bce_bits_std"]["entropy"] == pytest.approx(h_bits.std())
+    assert m["anomaly_bce_bits_mean"]["png"] == pytest.approx(png.mean())
+    assert m["anomaly_bce_bits_std"]["png"] == pytest.approx(png.std())
     # the headline keys are the article's setting: digit 1 at latent 2, never latent 20 or digit 3
     for metric in ("anomaly_auc", "anomaly_auc_signed_score", "anomaly_auprc", "anomaly_ink_spearman"):
         assert m[metric] == m[metric + "_digit_1"]
