@@ -37,7 +37,7 @@ import mnist
 import run
 import tasks
 import umap_lite
-from harness import cells, checkpoints, cli, figures, protocol, report, trainings, workers
+from harness import cells, checkpoints, cli, figures, mutation, protocol, report, trainings, workers
 from test_ae import (_MMD, _build, _low_rank_pixels, _one_torch_thread, _pixels, _same, _snapshot, registered)
 
 
@@ -3046,3 +3046,46 @@ def test_quick_keeps_only_the_images_it_uses_in_the_protocols_split(tiny_data, m
     np.testing.assert_array_equal(quick["y_test"], full["y_test"][:50])
     np.testing.assert_array_equal(quick["x_all"][quick["probe_idx"]], full["x_all"][full["probe_idx"]][:100])
     assert quick["fingerprint"] == full["fingerprint"]          # the same data set, whatever the run uses of it
+
+
+# ---- the mutation scores (a development tool)
+
+def _meta(folder, module, codes, hashes):
+    path = folder / (module + ".meta")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"exit_code_by_key": codes, "hash_by_function_name": hashes}))
+
+
+def test_mutation_sample_is_a_seeded_prefix_and_the_score_counts_timeouts_as_killed(tmp_path, capsys):
+    names = [f"tasks.x_f__mutmut_{i}" for i in range(1, 501)]
+    assert mutation.sample(names, 600) == mutation.sample(names, 500) == sorted(names)      # all of them
+    small, large = mutation.sample(names, 50), mutation.sample(reversed(names), mutation.POOL)
+    assert len(small) == 50 and set(small) < set(large) and len(large) == mutation.POOL
+    assert mutation.sample(names, 50) == small                                               # seeded
+    with pytest.raises(SystemExit, match="at most"):
+        mutation.sample(names, mutation.POOL + 1)
+    codes = {"m.x_f__mutmut_1": 1, "m.x_f__mutmut_2": -24, "m.x_f__mutmut_3": 0, "m.x_f__mutmut_4": None,
+             "m.x_f__mutmut_5": 33}
+    assert mutation.score(codes, list(codes)) == {"run": 4, "killed": 2, "survived": 1, "other": 1}
+    assert mutation.interval(2, 4, 4) == 0 and 0 < mutation.interval(2, 4, 400) < mutation.interval(2, 4, 4000)
+    _meta(tmp_path, "m.py", codes, {"x_f": "h"})
+    mutation.main(["--mutants", str(tmp_path), "sample", "m.py", "9"])
+    assert capsys.readouterr().out.split() == ["m.x_f__mutmut_4"]                          # what is left to run
+    mutation.main(["--mutants", str(tmp_path), "score", "m.py"])
+    # one of the five not run yet: 1.96 sqrt(0.5 * 0.5 / 4 * (1 - 4 / 5)) = 0.219
+    assert "5 mutants, 5 sampled, 4 run: 2 killed, 1 survived, 1 other; 50.0% ± 21.9" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="run `mutmut run`"):
+        mutation.main(["--mutants", str(tmp_path), "score", "absent.py"])
+
+
+def test_mutation_compare_pairs_the_same_mutation_of_an_unchanged_function_even_moved(tmp_path, capsys):
+    before, after = tmp_path / "before", tmp_path / "after"
+    _meta(before, "run.py", {"run.x_f__mutmut_1": 1, "run.x_f__mutmut_2": 1, "run.x_f__mutmut_3": 0,
+                             "run.x_g__mutmut_1": 1}, {"x_f": "same", "x_g": "old"})
+    # x_f moved to the harness unchanged; x_g changed, so its mutants have no twin
+    _meta(after, "harness/cells.py", {"harness.cells.x_f__mutmut_1": 1, "harness.cells.x_f__mutmut_2": 0,
+                                      "harness.cells.x_f__mutmut_3": 1, "harness.cells.x_g__mutmut_1": 0},
+          {"x_f": "same", "x_g": "new"})
+    mutation.main(["--mutants", str(after), "compare", str(before), "harness/cells.py"])
+    assert ("harness/cells.py: 3 pairs; killed in both 1, in neither 0, only there 1, only here 1"
+            in capsys.readouterr().out)
