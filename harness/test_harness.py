@@ -101,6 +101,15 @@ def test_model_save_load_round_trip(tmp_path, name):
     assert [p.name for p in tmp_path.iterdir()] == ["model.pt"]  # no temp file left
 
 
+def test_checkpoint_keeps_an_input_size_other_than_mnists(tmp_path):
+    # a model of 28x28 = 784 pixels (no zero pad) comes back with its own size, not the default
+    model = ae.build("vanilla", 3, input_dim=784).eval()
+    checkpoints.save(model, tmp_path / "m.pt")
+    loaded, _ = checkpoints.load(tmp_path / "m.pt")
+    x = torch.rand(4, 784)
+    assert loaded.input_dim == 784 and torch.equal(model(x), loaded(x))
+
+
 def test_model_save_in_progress_is_never_listed_as_a_checkpoint(tmp_path, monkeypatch):
     # a run (or a test) waiting for "*.pt" must not see a save that is still being written
     # the half-written file is hidden and sits in the checkpoint's own folder (one file system,
@@ -2909,6 +2918,9 @@ def test_report_settings_tell_requested_from_used():
     for row in ["| device (requested) | automatic |", "| jobs (requested) | automatic |",
                 "| device (used) | `cpu` |", "| jobs (used) | `2` |", "| epochs | `3` |", "| torch | `2` |"]:
         assert row in rows
+    results["config"].update(device="cuda", jobs=4)
+    rows = report.report_settings(results).splitlines()
+    assert "| device (requested) | `cuda` |" in rows and "| jobs (requested) | `4` |" in rows
 
 
 def test_report_explains_an_auroc_below_one_half_only_when_there_is_one():
