@@ -5,15 +5,16 @@
     model, meta = checkpoints.load("vae.pt")      # rebuilt with ae.build, in eval mode
 
 The file holds the model's name, latent and input sizes, weights and `meta` (plain types only),
-written atomically (temp file + rename), so an interrupted save never leaves half a checkpoint.
+written atomically (figures.write_atomically: temp file + rename), so an interrupted save never leaves
+half a checkpoint.
 """
 
 import os
-import tempfile
 
 import torch
 
 import ae
+from harness.figures import write_atomically
 
 
 def save(model, path, meta=None):
@@ -22,18 +23,9 @@ def save(model, path, meta=None):
     _check_plain(meta, "meta")
     payload = {"name": model.name, "latent_dim": model.latent_dim, "input_dim": model.input_dim, "meta": meta,
                "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()}}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    # write a temporary file, then rename: an interrupted save never leaves half a checkpoint, and
-    # the temporary name never ends in .pt, so nothing that lists checkpoints mistakes it for one
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    # the temporary file's name never ends in .pt: nothing that lists checkpoints takes a save in
+    # progress for one
+    write_atomically(path, lambda tmp: torch.save(payload, tmp), suffix=".part")
 
 
 def load(path, device=None):

@@ -276,11 +276,13 @@ def _savefig(fig, path):
     plt.close(fig)
 
 
-def write_atomically(path, write):
-    """Call write(tmp_path) and move the result onto `path` only once it is complete."""
+def write_atomically(path, write, suffix=None):
+    """Call write(tmp_path) and move the result onto `path` only once it is complete. The hidden
+    temporary file ends in `suffix` (default: path's own, which tells savefig the format)."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.splitext(path)[1])
+    suffix = os.path.splitext(path)[1] if suffix is None else suffix
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=suffix)
     os.close(fd)
     try:
         write(tmp)
