@@ -340,6 +340,27 @@ def test_every_figure_is_written_as_an_image(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(drawings)      # no temporary file left
 
 
+def test_figures_draw_what_their_data_says(monkeypatch):
+    # the figures are caught before they are written: their curves, grey ranges, labels and legend
+    drawn = []
+    monkeypatch.setattr(figures, "_savefig", lambda fig, path: drawn.append(fig))
+    rng = np.random.default_rng(0)
+    imgs, pts, y = rng.random((16, 1024)), rng.normal(size=(40, 2)), np.arange(40) % 10
+    fpr, tpr = np.array([0.0, 0.25, 1.0]), np.array([0.0, 0.75, 1.0])
+    figures.plot_roc({"vanilla": [("summed BCE", fpr, tpr, 0.75)]}, "roc.png")
+    (curve, chance), = [drawn[-1].axes[0].get_lines()]
+    np.testing.assert_array_equal(curve.get_xdata(), fpr)
+    np.testing.assert_array_equal(curve.get_ydata(), tpr)
+    assert list(chance.get_xdata()) == list(chance.get_ydata()) == [0, 1] and chance.get_linestyle() == "--"
+    figures.plot_latents({"vanilla": pts}, y, "latents.png", class_names=mnist.FASHION_CLASSES)
+    assert [t.get_text() for t in drawn[-1].legends[0].get_texts()] == list(mnist.FASHION_CLASSES)
+    figures.plot_samples({"vq": {"own prior": imgs}}, "samples.png", {"vq": {"own prior": "legible 0.10"}})
+    ax = drawn[-1].axes[0]
+    assert ax.get_xlabel() == "legible 0.10" and ax.images[0].get_clim() == (0, 1)    # 0 black, 1 white
+    figures.plot_reconstructions(imgs, {"vanilla": imgs}, "recon.png")
+    assert all(a.images[0].get_clim() == (0, 1) for a in drawn[-1].axes)
+
+
 def test_plot_samples_one_row_per_model_blank_where_a_sampler_is_missing(tmp_path):
     from PIL import Image
     imgs = np.random.default_rng(0).random((16, 1024))
