@@ -5,8 +5,8 @@
     model, meta = checkpoints.load("vae.pt")      # rebuilt with ae.build, in eval mode
 
 The file holds the model's name, latent and input sizes, weights and `meta` (plain types only),
-written atomically (figures.write_atomically: temp file + rename), so an interrupted save never leaves
-half a checkpoint.
+written atomically (figures.write_atomically: temp file + rename), so an interrupted save never
+leaves half a checkpoint.
 """
 
 import os
